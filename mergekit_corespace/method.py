@@ -1,0 +1,514 @@
+"""mergekit glue — the only module that touches mergekit internals.
+
+Registers ``core_space`` in mergekit's registry and routes runs of it through a planner
+that never materialises a merged model. Internals touched (``INTERNALS``), each checked
+by :func:`check_internals` before anything is patched and pinned by
+``tests/test_mergekit_internals.py``:
+
+- ``mergekit.merge.run_merge`` — wrapped. A run of one of our methods is validated first
+  (before any output exists), written to a staging directory that replaces ``out_path``
+  only when complete, and marked active for the two hooks below.
+- ``mergekit.io.tasks.LoaderCache.get`` — during an active run a ``base+adapter``
+  reference resolves to the base model's own loader, instead of
+  ``ModelReference.merged()``, which would write a merged model per adapter to
+  ``--lora-merge-cache``.
+- ``mergekit.plan.MergePlanner.plan_tensor`` — during an active run each weight is
+  planned as the base weight (read once, by mergekit's ``LoadTensor``) plus, where
+  adapters touch it, a :class:`CoreSpaceMergeTask` that reads only that module's LoRA
+  factors; the result is appended to ``MergePlanner._tensors``. Optional weights with
+  ``aliases`` are looked up with ``tuple`` aliases here, which also sidesteps
+  mergekit 0.1.5's ``list + tuple`` TypeError on BERT-family models.
+
+Other merge methods never see any of this: every hook defers to mergekit unless a
+core-space run is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from mergekit.architecture import ConfiguredModelArchitecture, get_architecture_info
+from mergekit.common import ModelReference
+from mergekit.graph import Task
+from mergekit.io.tasks import LoaderCache, LoadTensor
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from pydantic import TypeAdapter, ValidationError
+from safetensors import safe_open
+
+from mergekit_corespace.adapters import LoraAdapter, LoraModule, match_modules
+from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.options import PER_ADAPTER_DEFAULTS, MergeParameters, Space
+from mergekit_corespace.pipeline import COMPUTE_DTYPES, merge_lora_modules
+
+LOG = logging.getLogger(__name__)
+
+SUPPORTED_MERGEKIT = ">=0.1.5,<0.2"
+INTERNALS = (
+    "mergekit.merge.run_merge",
+    "mergekit.io.tasks.LoaderCache.get",
+    "mergekit.plan.MergePlanner.plan_tensor",
+    "mergekit.plan.MergePlanner._tensors",
+)
+# merge_method name -> space the inner method runs in
+METHOD_SPACES: dict[str, Space] = {"core_space": "core"}
+
+
+# ---------------------------------------------------------------------------------------
+# Registration
+
+
+class CoreSpaceMethod(GroupMergeMethod):
+    """Registry entry: the name, the parameters and the input contract mergekit checks.
+
+    The merge itself runs in :class:`CoreSpaceMergeTask`, planned by the hooks below,
+    because it needs each adapter's LoRA factors, not merged dense weights.
+    """
+
+    def __init__(self, name: str, space: Space):
+        self.space = space
+        shared = [
+            ParameterSpec(
+                name=field_info.alias or name_,
+                value_type=field_info.annotation,
+                scope=ParameterScope.SHARED,
+                default=field_info.default,
+                description=field_info.description,
+            )
+            for name_, field_info in MergeParameters.model_fields.items()
+        ]
+        per_adapter = [
+            ParameterSpec(name=name_, value_type=float, scope=ParameterScope.INPUT, default=value)
+            for name_, value in PER_ADAPTER_DEFAULTS.items()
+        ]
+        self.spec = MergeMethodSpec(
+            name=name,
+            pretty_name="Core Space",
+            reference_url="https://arxiv.org/abs/2509.17786",
+            parameters=tuple(shared + per_adapter),
+            contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        raise CoreSpaceError(
+            f"{self.spec.name} merges LoRA adapters, not dense tensors: run it through "
+            "`mergekit-yaml` (or `mergekit-corespace`) with `base+adapter` models"
+        )
+
+
+METHODS = tuple(CoreSpaceMethod(name, space) for name, space in METHOD_SPACES.items())
+
+
+def register_methods(_merge_methods=None) -> None:
+    """Add our methods to mergekit's registry (idempotent)."""
+    known = {method.spec.name for method in registry.registered_methods()}
+    for method in METHODS:
+        if method.spec.name not in known:
+            registry.register(method)
+
+
+# ---------------------------------------------------------------------------------------
+# Internals: checked, then patched
+
+
+def check_internals(merge_module) -> None:
+    """Refuse to patch a mergekit whose version or internals we have not checked."""
+    from importlib.metadata import version
+
+    from mergekit.plan import MergePlanner
+    from packaging.specifiers import SpecifierSet
+
+    run_merge = merge_module.run_merge
+    found = version("mergekit")
+    if found not in SpecifierSet(SUPPORTED_MERGEKIT):
+        raise RuntimeError(f"mergekit {found} is not supported (need {SUPPORTED_MERGEKIT})")
+    expected = {
+        run_merge: ["merge_config", "out_path", "options", "config_source"],
+        LoaderCache.get: ["self", "model"],
+        MergePlanner.plan_tensor: ["self", "weight", "weights_in", "models", "cfg_reader"],
+    }
+    for function, parameters in expected.items():
+        function = inspect.unwrap(function)
+        if list(inspect.signature(function).parameters) != parameters:
+            raise RuntimeError(f"mergekit internal {function.__qualname__} changed signature")
+    if "_tensors" not in MergePlanner.__annotations__:
+        raise RuntimeError("mergekit internal MergePlanner._tensors is gone")
+
+
+def patch_merge_pipeline(merge_module=None) -> None:
+    """Install the three hooks once, on the executed ``mergekit.merge`` module."""
+    from mergekit.plan import MergePlanner
+
+    if merge_module is None:
+        merge_module = importlib.import_module("mergekit.merge")
+    register_methods()
+    if getattr(merge_module.run_merge, "__corespace__", False):
+        return
+    check_internals(merge_module)
+
+    original_run_merge = merge_module.run_merge
+    original_get = LoaderCache.get
+    original_plan_tensor = MergePlanner.plan_tensor
+
+    @functools.wraps(original_run_merge)
+    def run_merge(merge_config, out_path, options, config_source=None):
+        if merge_config.merge_method not in METHOD_SPACES:
+            return original_run_merge(merge_config, out_path, options, config_source=config_source)
+        run = prepare_run(merge_config, options)
+        token = _ACTIVE_RUN.set(run)
+        try:
+            with staged_output(out_path) as staging:
+                original_run_merge(merge_config, staging, options, config_source=config_source)
+        finally:
+            _ACTIVE_RUN.reset(token)
+
+    @functools.wraps(original_get)
+    def get(self, model: ModelReference):
+        if model.lora is not None and _ACTIVE_RUN.get() is not None:
+            return original_get(self, model.model_copy(update={"lora": None}))
+        return original_get(self, model)
+
+    @functools.wraps(original_plan_tensor)
+    def plan_tensor(self, weight, weights_in, models, cfg_reader):
+        run = _ACTIVE_RUN.get()
+        if run is None or self._method.spec.name not in METHOD_SPACES:
+            return original_plan_tensor(self, weight, weights_in, models, cfg_reader)
+        task = run.plan_tensor(self, weight, weights_in, models, cfg_reader)
+        if task is not None:
+            self._tensors.append((weight, task))
+
+    run_merge.__corespace__ = True
+    merge_module.run_merge = run_merge
+    LoaderCache.get = get
+    MergePlanner.plan_tensor = plan_tensor
+
+
+def install() -> None:
+    """Explicit registration, for environments that skip ``.pth`` files."""
+    register_methods()
+    patch_merge_pipeline()
+
+
+# ---------------------------------------------------------------------------------------
+# One run: validation before any output, then planning
+
+
+_ACTIVE_RUN: contextvars.ContextVar[CoreSpaceRun | None] = contextvars.ContextVar(
+    "mergekit_corespace_active_run", default=None
+)
+
+
+class CoreSpaceMergeTask(Task[torch.Tensor]):
+    """``W + ΔW`` for one weight: the base tensor comes from mergekit, the LoRA factors
+    of this module are read here, merged in ``space``, and added in one step."""
+
+    base: LoadTensor
+    weight_name: str
+    space: Space
+    loras: tuple[LoraModule, ...]
+    weights: tuple[float, ...]
+    parameters: MergeParameters
+
+    def arguments(self) -> dict[str, Task]:
+        return {"base": self.base}
+
+    def group_label(self) -> str | None:
+        return self.base.group_label()  # keeps the merge next to its load and save
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(self, base: torch.Tensor) -> torch.Tensor:
+        for lora in self.loras:
+            if lora.delta_shape != tuple(base.shape):
+                raise CoreSpaceError(
+                    f"{lora.file}: {lora.module} gives a {lora.delta_shape} delta but the base "
+                    f"weight {self.weight_name} is {tuple(base.shape)}"
+                )
+        delta = merge_lora_modules(
+            self.loras, self.weights, self.parameters, self.space, device=base.device
+        )
+        compute_dtype = COMPUTE_DTYPES[self.parameters.precision]
+        return delta.add_to(base.to(compute_dtype)).to(base.dtype)
+
+
+@dataclass
+class CoreSpaceRun:
+    """What one validated run knows: its adapters and which base weight each LoRA edits."""
+
+    space: Space
+    base_model: ModelReference
+    adapters: dict[ModelReference, LoraAdapter]
+    # adapter reference -> base weight name -> that adapter's LoRA on it
+    loras: dict[ModelReference, dict[str, LoraModule]] = field(default_factory=dict)
+
+    def plan_tensor(self, planner, weight, weights_in, models, cfg_reader) -> Task | None:
+        from mergekit.parameter_resolver import resolve_parameters
+
+        base_model = cfg_reader.base_model
+        base_in = weights_in[models.index(base_model)]
+        names = (base_in.name, *(base_in.aliases or ()), *(base_in.tied_names or ()))
+        index = LoaderCache().get(base_model).index
+        if base_in.optional and not any(name in index.tensor_paths for name in names):
+            return None
+        load = LoadTensor(
+            model=base_model,
+            tensor=base_in.name,
+            dtype=base_in.force_dtype or planner.config.dtype,
+            device=planner.options.device if planner.options.read_to_gpu else None,
+            optional=base_in.optional,
+            aliases=base_in.aliases,
+            tied_names=base_in.tied_names,
+        )
+        edits = [
+            (self.loras[model][w_in.name], model)
+            for model, w_in in zip(models, weights_in)
+            if model != base_model and w_in.name in self.loras[model]
+        ]
+        if not edits:
+            return load  # untouched: copied from the base, bit for bit
+        shared, per_input = resolve_parameters(
+            planner._method.spec,
+            tensor_name=weight.name,
+            inputs={model: w_in.name for model, w_in in zip(models, weights_in)},
+            sources=cfg_reader.parameter_sources,
+            base_model=base_model,
+            t=cfg_reader.t,
+        )
+        try:
+            parameters = MergeParameters.model_validate(shared)
+        except ValidationError as error:
+            raise CoreSpaceError(f"parameters for {weight.name}: {_first_error(error)}") from None
+        return CoreSpaceMergeTask(
+            base=load,
+            weight_name=weight.name,
+            space=self.space,
+            loras=tuple(lora for lora, _ in edits),
+            weights=tuple(per_input[model]["weight"] for _, model in edits),
+            parameters=parameters,
+        )
+
+
+def prepare_run(config, options) -> CoreSpaceRun:
+    """Check the whole config and every adapter before mergekit plans or writes anything."""
+    base_model = _check_models(config)
+    _check_parameters(config)
+    adapters = {}
+    for model in config.referenced_models():
+        if model.lora is not None:
+            adapters[model] = LoraAdapter.open(model.lora.path)
+            named = adapters[model].base_model_name
+            if named and _last_part(named) != _last_part(base_model.model.path):
+                LOG.warning(
+                    "%s: base_model_name_or_path is %s, merging it into %s",
+                    model.lora.path,
+                    named,
+                    base_model.model.path,
+                )
+    run = CoreSpaceRun(
+        space=METHOD_SPACES[config.merge_method], base_model=base_model, adapters=adapters
+    )
+    weights, shapes = _base_weights(config, options, base_model)
+    for model, adapter in adapters.items():
+        matched, unmatched = match_modules(adapter.modules, weights)
+        if unmatched:
+            raise CoreSpaceError(
+                f"{adapter.path}: LoRA on {unmatched[0]!r}, which base model "
+                f"{base_model.model.path} does not have"
+                + (f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else "")
+            )
+        run.loras[model] = {}
+        for module, weight_name in matched.items():
+            lora = adapter.modules[module]
+            shape = shapes.get(weight_name)
+            if shape is not None and tuple(shape) != lora.delta_shape:
+                raise CoreSpaceError(
+                    f"{lora.file}: {module} gives a {lora.delta_shape} delta (lora_B "
+                    f"{lora.out_features}×{lora.rank}, lora_A {lora.rank}×{lora.in_features}) "
+                    f"but base weight {weight_name} is {tuple(shape)}"
+                )
+            run.loras[model][weight_name] = lora
+    return run
+
+
+def _last_part(path: str) -> str:
+    return os.path.basename(os.path.normpath(path)).lower()
+
+
+def _check_models(config) -> ModelReference:
+    base_model = config.base_model
+    method = config.merge_method
+    if base_model is None:
+        raise CoreSpaceError(f"{method}: `base_model` is required (the model the LoRAs were trained on)")
+    if base_model.lora is not None:
+        raise CoreSpaceError(f"base_model: {base_model} must be a plain model, not base+adapter")
+    if config.tokenizer is not None or config.tokenizer_source is not None:
+        raise CoreSpaceError(
+            f"{method}: `tokenizer`/`tokenizer_source` are not supported; adapters share the "
+            "base model's tokenizer, which is copied to the output"
+        )
+    adapters = 0
+    for model in config.referenced_models():
+        if model == base_model:
+            continue
+        if model.lora is None:
+            raise CoreSpaceError(
+                f"models: {model} is not a LoRA adapter; {method} merges `base+adapter` "
+                f"references of base_model {base_model}"
+            )
+        if model.model != base_model.model:
+            raise CoreSpaceError(
+                f"models: {model} applies an adapter to {model.model}, but base_model is "
+                f"{base_model.model}; write it as {base_model.model}+{model.lora}"
+            )
+        adapters += 1
+    if adapters == 0:
+        raise CoreSpaceError(f"models: {method} needs at least one `base+adapter` model")
+    return base_model
+
+
+def _check_parameters(config) -> None:
+    """Unknown or ill-typed parameters are errors that name the field, at every level."""
+    shared = {
+        (field_info.alias or name): TypeAdapter(field_info.annotation)
+        for name, field_info in MergeParameters.model_fields.items()
+    }
+    per_adapter = {name: TypeAdapter(float) for name in PER_ADAPTER_DEFAULTS}
+    for where, settings, of_one_adapter in _parameter_blocks(config):
+        allowed = per_adapter if of_one_adapter else {**shared, **per_adapter}
+        for name, setting in (settings or {}).items():
+            if name not in allowed:
+                hint = (
+                    f"`{name}` applies to the whole merge; put it under the top-level `parameters`"
+                    if name in shared
+                    else f"known: {', '.join(sorted(allowed))}"
+                )
+                raise CoreSpaceError(f"{where}.{name}: unknown parameter for {config.merge_method} ({hint})")
+            for value in _leaf_values(setting):
+                try:
+                    allowed[name].validate_python(value)
+                except ValidationError as error:
+                    raise CoreSpaceError(f"{where}.{name}: {_first_error(error)}") from None
+
+
+def _parameter_blocks(config) -> Iterator[tuple[str, Mapping | None, bool]]:
+    """(where, settings, whether they belong to one adapter) for every `parameters:` block."""
+    yield "parameters", config.parameters, False
+    for i, model in enumerate(config.models or ()):
+        yield f"models[{i}].parameters", model.parameters, True
+    for i, slice_ in enumerate(config.slices or ()):
+        yield f"slices[{i}].parameters", slice_.parameters, False
+        for j, source in enumerate(slice_.sources):
+            yield f"slices[{i}].sources[{j}].parameters", source.parameters, True
+    for name, module in (config.modules or {}).items():
+        yield f"modules.{name}.parameters", module.parameters, False
+        for i, model in enumerate(module.models or ()):
+            yield f"modules.{name}.models[{i}].parameters", model.parameters, True
+
+
+def _leaf_values(setting) -> Iterator[Any]:
+    """The scalar values inside a mergekit setting (scalar, gradient list, conditionals)."""
+    if isinstance(setting, list):
+        for item in setting:
+            yield from _leaf_values(item)
+    elif hasattr(setting, "value"):  # ConditionalParameter
+        yield from _leaf_values(setting.value)
+    else:
+        yield setting
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where + ': ' if where else ''}{first['msg']} (got {first.get('input')!r})"
+
+
+def _base_weights(config, options, base_model: ModelReference):
+    """All weight names of the base (canonical -> names incl. aliases) and their shapes."""
+    arch_info = get_architecture_info(config, options)
+    base_config = base_model.config(trust_remote_code=options.trust_remote_code)
+    weights = {
+        weight.name: (weight.name, *(weight.aliases or ()))
+        for weight in ConfiguredModelArchitecture(info=arch_info, config=base_config).all_weights()
+    }
+    index = base_model.tensor_index(cache_dir=options.transformers_cache)
+    shapes = {}
+    for canonical, names in weights.items():
+        stored = next((name for name in names if name in index.tensor_paths), None)
+        if stored is not None and index.is_safetensors:
+            with safe_open(os.path.join(index.base_path, index.tensor_paths[stored]), "pt") as f:
+                shapes[canonical] = tuple(f.get_slice(stored).get_shape())
+    return weights, shapes
+
+
+# ---------------------------------------------------------------------------------------
+# Output written in full, or not at all
+
+
+@contextlib.contextmanager
+def staged_output(out_path: str) -> Iterator[str]:
+    """Yield a staging directory next to ``out_path``; move it into place only on success.
+
+    On any exception (KeyboardInterrupt included) the staging directory is removed and an
+    existing ``out_path`` is left untouched. On success an existing ``out_path`` is
+    replaced — but only if it is empty or holds a model or adapter, never another folder.
+    """
+    out_path = os.path.abspath(out_path)
+    if os.path.isdir(out_path) and os.listdir(out_path):
+        if not any(
+            os.path.exists(os.path.join(out_path, marker))
+            for marker in ("config.json", "adapter_config.json")
+        ):
+            raise CoreSpaceError(
+                f"{out_path}: exists, is not empty and holds no model; refusing to replace it"
+            )
+    elif os.path.exists(out_path) and not os.path.isdir(out_path):
+        raise CoreSpaceError(f"{out_path}: exists and is not a directory")
+    parent = os.path.dirname(out_path)
+    os.makedirs(parent, exist_ok=True)
+    holder = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.partial-", dir=parent)
+    staging = os.path.join(holder, os.path.basename(out_path))
+    try:
+        yield staging
+        if not os.path.isdir(staging):
+            raise CoreSpaceError(f"{out_path}: the merge wrote nothing")
+        if os.path.exists(out_path):
+            previous = os.path.join(holder, "previous")
+            os.rename(out_path, previous)
+        os.rename(staging, out_path)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _attach_to_loaded_mergekit() -> None:
+    """Imported directly (not from the hook): attach to what mergekit has loaded so far."""
+    import sys
+
+    from mergekit_corespace._hook import _is_initializing
+
+    register_methods()
+    if "mergekit.merge" in sys.modules and not _is_initializing("mergekit.merge"):
+        patch_merge_pipeline(sys.modules["mergekit.merge"])
+
+
+_attach_to_loaded_mergekit()
