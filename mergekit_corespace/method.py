@@ -65,10 +65,11 @@ LOG = logging.getLogger(__name__)
 
 SUPPORTED_MERGEKIT = ">=0.1.5,<0.2"
 INTERNALS = (
-    "mergekit.merge.run_merge",
-    "mergekit.io.tasks.LoaderCache.get",
-    "mergekit.plan.MergePlanner.plan_tensor",
-    "mergekit.plan.MergePlanner._tensors",
+    "mergekit.merge.run_merge",  # wrapped
+    "mergekit.io.tasks.LoaderCache.get",  # wrapped
+    "mergekit.plan.MergePlanner.plan_tensor",  # wrapped; appends to MergePlanner._tensors
+    "mergekit.plan.MergePlanner.plan_to_disk",  # turns MergePlanner._tensors into SaveTensor tasks
+    "mergekit.io.tasks.LoadTensor",  # built by our planner for base weights
 )
 # merge_method name -> space the inner method runs in
 METHOD_SPACES: dict[str, Space] = {"core_space": "core"}
@@ -299,12 +300,18 @@ class CoreSpaceRun:
             parameters = MergeParameters.model_validate(shared)
         except ValidationError as error:
             raise CoreSpaceError(f"parameters for {weight.name}: {_first_error(error)}") from None
+        weights = tuple(per_input[model]["weight"] for _, model in edits)
+        if parameters.merge == "mean" and sum(weights) == 0:
+            raise CoreSpaceError(
+                f"models: the weights of the adapters on {weight.name} sum to 0; merge: mean "
+                "divides by that sum"
+            )
         return CoreSpaceMergeTask(
             base=load,
             weight_name=weight.name,
             space=self.space,
             loras=tuple(lora for lora, _ in edits),
-            weights=tuple(per_input[model]["weight"] for _, model in edits),
+            weights=weights,
             parameters=parameters,
         )
 

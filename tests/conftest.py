@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from mergekit_corespace import toy
+
+
+@pytest.fixture(scope="session")
+def llama64(tmp_path_factory):
+    """A tiny float64 Llama and PEFT adapters of every kind issue 3 names."""
+    root = tmp_path_factory.mktemp("llama64")
+    base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float64)
+    qv = ["q_proj", "v_proj"]
+    specs = {
+        "r8a": dict(r=8, lora_alpha=16, seed=1),
+        "r8b": dict(r=8, lora_alpha=8, seed=2),
+        "r8c": dict(r=8, lora_alpha=32, seed=3),
+        "r4": dict(r=4, lora_alpha=8, seed=4),
+        "r16": dict(r=16, lora_alpha=16, seed=5),
+        "rslora": dict(r=8, lora_alpha=16, use_rslora=True, seed=6),
+        "patterns": dict(
+            r=4,
+            lora_alpha=8,
+            rank_pattern={"v_proj": 2, "model.layers.1.self_attn.q_proj": 12},
+            alpha_pattern={"k_proj": 3, "layers.0.mlp.down_proj": 40},
+            seed=7,
+        ),
+        "qv_only": dict(r=8, lora_alpha=16, target_modules=qv, seed=8),
+        "mlp_only": dict(r=4, lora_alpha=4, target_modules=["gate_proj", "down_proj"], seed=9),
+    }
+    adapters = {
+        name: toy.save_lora_adapter(base, str(root / name), **spec) for name, spec in specs.items()
+    }
+    return base, adapters

@@ -1,0 +1,86 @@
+"""Shared test helpers: in-process and subprocess merges, PEFT oracles."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergekit_corespace import toy
+
+BIN = Path(sys.executable).parent
+
+
+def merge_config(text: str):
+    from mergekit.config import MergeConfiguration
+
+    return MergeConfiguration.model_validate(yaml.safe_load(text))
+
+
+def run_in_process(config_text: str, out: str | os.PathLike, **options) -> dict[str, torch.Tensor]:
+    """Run mergekit's own ``run_merge`` (patched by the plugin) and load the output."""
+    from mergekit.merge import MergeOptions, run_merge
+
+    defaults = dict(copy_tokenizer=False, write_model_card=False, quiet=True)
+    run_merge(merge_config(config_text), str(out), MergeOptions(**{**defaults, **options}))
+    return load_model_tensors(out)
+
+
+def run_cli(args: list[str], cwd=None, env=None, script: str = "mergekit-yaml"):
+    """Run a console script in a subprocess; returns the CompletedProcess."""
+    return subprocess.run(
+        [str(BIN / script), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def load_model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@functools.lru_cache(maxsize=None)
+def peft_deltas(base: str, adapter: str) -> dict[str, torch.Tensor]:
+    return toy.peft_deltas(base, adapter)
+
+
+def expected_ta(base: str, adapters: list[tuple[str, float]], scale: float = 1.0):
+    """``W + λ Σ_t w_t ΔW_t`` from PEFT's merge_and_unload, in float64."""
+    expected = {name: tensor.double() for name, tensor in load_model_tensors(base).items()
+                if tensor.is_floating_point()}
+    for adapter, weight in adapters:
+        for name, delta in peft_deltas(base, adapter).items():
+            expected[name] = expected[name] + scale * weight * delta
+    return expected
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def assert_merge_matches(out, base, expected, changed, rtol):
+    """Changed weights match ``expected`` to ``rtol`` (relative Frobenius on the delta);
+    every other tensor is bit-identical to the base."""
+    base_tensors = load_model_tensors(base)
+    assert set(base_tensors) <= set(out)
+    for name, tensor in out.items():
+        if name not in base_tensors:  # a tied weight mergekit writes out (e.g. lm_head)
+            assert any(torch.equal(tensor, t) for t in base_tensors.values()), name
+        elif name in changed:
+            delta = tensor.double() - base_tensors[name].double()
+            want = expected[name] - base_tensors[name].double()
+            assert relative_error(delta, want) <= rtol, name
+        else:
+            assert torch.equal(tensor, base_tensors[name]), f"{name} changed"

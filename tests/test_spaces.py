@@ -1,0 +1,93 @@
+"""The spaces on random LoRA factors: lossless linear merges, no m×n SVD, relative rank cut."""
+
+import pytest
+import torch
+
+from mergekit_corespace import spaces
+from mergekit_corespace.merges import task_arithmetic, weighted_mean
+from mergekit_corespace.spaces import CoreBasis, core_space, full_space, knots_space
+
+
+def random_factors(m=48, n=40, ranks=(4, 8, 16), seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(m, r, generator=generator, dtype=dtype) * (t + 1),
+         torch.randn(r, n, generator=generator, dtype=dtype))
+        for t, r in enumerate(ranks)
+    ]
+
+
+def dense_sum(factors, weights):
+    return sum(w * (b @ a) for (b, a), w in zip(factors, weights))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+WEIGHTS = [1.0, -0.5, 0.25]
+
+
+@pytest.mark.parametrize("space", [core_space, knots_space, full_space])
+def test_task_arithmetic_is_lossless_in_every_space(space):
+    factors = random_factors()
+    merged = space(factors, lambda tasks: task_arithmetic(tasks, WEIGHTS)).to_dense()
+    assert rel(merged, dense_sum(factors, WEIGHTS)) < 1e-12
+
+
+def test_core_knots_and_full_agree_for_ta_and_mean():
+    factors = random_factors(ranks=(3, 5, 8, 2))
+    weights = [0.3, 1.2, -0.7, 2.0]
+    for inner in (task_arithmetic, weighted_mean):
+        results = [
+            space(factors, lambda tasks: inner(tasks, weights)).to_dense()
+            for space in (core_space, knots_space, full_space)
+        ]
+        assert rel(results[0], results[2]) < 1e-10
+        assert rel(results[1], results[2]) < 1e-10
+
+
+def test_core_space_never_decomposes_an_m_by_n_matrix(monkeypatch):
+    factors = random_factors(m=300, n=200, ranks=(4, 8))
+    shapes = []
+    real_svd = torch.linalg.svd
+
+    def recording_svd(matrix, *args, **kwargs):
+        shapes.append(tuple(matrix.shape))
+        return real_svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    core_space(factors, lambda tasks: task_arithmetic(tasks, [1.0, 1.0]))
+    assert shapes == [(300, 12), (12, 200)]
+
+
+def test_cores_are_r_by_r_and_reconstruct_each_task():
+    factors = random_factors()
+    basis = CoreBasis.from_factors(factors)
+    assert basis.u_b.shape == (48, 28) and basis.v_a.shape == (28, 40)
+    for b, a in factors:
+        core = basis.core((b, a))
+        assert core.shape == (28, 28)
+        assert rel(basis.u_b @ core @ basis.v_a, b @ a) < 1e-12
+
+
+def test_rank_cut_is_relative_to_the_largest_singular_value():
+    # two adapters sharing all directions: R = 8 nominal, 4 real, at any scale
+    b, a = random_factors(ranks=(4,))[0]
+    for scale in (1e-12, 1.0, 1e12):
+        duplicated = [(scale * b, a), (2 * scale * b, a)]
+        basis = CoreBasis.from_factors(duplicated)
+        assert basis.u_b.shape[1] == 4 and basis.v_a.shape[0] == 4
+
+
+def test_all_zero_adapters_give_a_zero_delta():
+    factors = [(torch.zeros(10, 2, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))]
+    for space in (core_space, knots_space, full_space):
+        merged = space(factors, lambda tasks: task_arithmetic(tasks, [1.0])).to_dense()
+        assert merged.shape == (10, 6) and not merged.any()
+
+
+def test_relative_rank_cut_counts_non_null_values():
+    values = torch.tensor([10.0, 1.0, 1e-20, 0.0], dtype=torch.float64)
+    assert spaces.relative_rank_cut(values, (4, 4)) == 2
+    assert spaces.relative_rank_cut(torch.zeros(3, dtype=torch.float64), (3, 3)) == 0
