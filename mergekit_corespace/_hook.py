@@ -4,7 +4,8 @@ mergekit has no plugin discovery: a merge method must be in its registry before
 ``MergePlanner`` looks the name up. Importing mergekit eagerly at start-up would
 cost seconds in every Python process, so this module only installs a meta-path
 finder (standard library only) that runs our glue right after the watched mergekit
-modules finish executing:
+modules finish executing (duck-typed finder and loader: importing importlib.abc alone
+would triple the cost of this hook):
 
 - ``mergekit.merge_methods`` -> register ``core_space`` in the registry;
 - ``mergekit.merge``         -> route core-space runs through our planner
@@ -14,7 +15,6 @@ modules finish executing:
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import sys
 import warnings
 
@@ -47,10 +47,10 @@ def _run_glue(module_name: str) -> None:
         )
 
 
-class _RunAfterExec(importlib.abc.Loader):
+class _RunAfterExec:
     """Delegates to the real loader, then runs the glue for the module."""
 
-    def __init__(self, loader: importlib.abc.Loader, module_name: str):
+    def __init__(self, loader, module_name: str):
         self._loader = loader
         self._module_name = module_name
 
@@ -65,7 +65,7 @@ class _RunAfterExec(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
     def find_spec(self, fullname, path, target=None):
         if fullname not in _WATCHED:
             return None

@@ -36,7 +36,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from mergekit.architecture import ConfiguredModelArchitecture, get_architecture_info
@@ -58,8 +58,19 @@ from safetensors import safe_open
 
 from mergekit_corespace.adapters import LoraAdapter, LoraModule, match_modules
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.options import PER_ADAPTER_DEFAULTS, MergeParameters, Space
-from mergekit_corespace.pipeline import COMPUTE_DTYPES, merge_lora_modules
+from mergekit_corespace.options import (
+    PER_ADAPTER_DEFAULTS,
+    POSITIVE_WEIGHTS,
+    MergeParameters,
+    Space,
+)
+from mergekit_corespace.pipeline import (
+    COMPUTE_DTYPES,
+    global_ties_thresholds,
+    merge_factors,
+    module_seed,
+    read_module_factors,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -72,7 +83,12 @@ INTERNALS = (
     "mergekit.io.tasks.LoadTensor",  # built by our planner for base weights
 )
 # merge_method name -> space the inner method runs in
-METHOD_SPACES: dict[str, Space] = {"core_space": "core"}
+METHOD_SPACES: dict[str, Space] = {"core_space": "core", "knots": "knots", "full_space": "full"}
+_PAPERS = {
+    "core": ("Core Space", "https://arxiv.org/abs/2509.17786"),
+    "knots": ("KnOTS", "https://arxiv.org/abs/2410.19735"),
+    "full": ("Full space", None),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,18 +98,21 @@ METHOD_SPACES: dict[str, Space] = {"core_space": "core"}
 class CoreSpaceMethod(GroupMergeMethod):
     """Registry entry: the name, the parameters and the input contract mergekit checks.
 
-    The merge itself runs in :class:`CoreSpaceMergeTask`, planned by the hooks below,
-    because it needs each adapter's LoRA factors, not merged dense weights.
+    One entry per space (``core_space``, ``knots``, ``full_space``). The merge itself runs
+    in :class:`CoreSpaceMergeTask`, planned by the hooks below, because it needs each
+    adapter's LoRA factors, not merged dense weights.
     """
 
     def __init__(self, name: str, space: Space):
         self.space = space
+        # Defaults stay None here so that the planner can tell what the user set;
+        # MergeParameters fills in the real defaults.
         shared = [
             ParameterSpec(
                 name=field_info.alias or name_,
-                value_type=field_info.annotation,
+                value_type=Optional[field_info.annotation],
                 scope=ParameterScope.SHARED,
-                default=field_info.default,
+                default=None,
                 description=field_info.description,
             )
             for name_, field_info in MergeParameters.model_fields.items()
@@ -104,8 +123,8 @@ class CoreSpaceMethod(GroupMergeMethod):
         ]
         self.spec = MergeMethodSpec(
             name=name,
-            pretty_name="Core Space",
-            reference_url="https://arxiv.org/abs/2509.17786",
+            pretty_name=_PAPERS[space][0],
+            reference_url=_PAPERS[space][1],
             parameters=tuple(shared + per_adapter),
             contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
         )
@@ -219,6 +238,37 @@ _ACTIVE_RUN: contextvars.ContextVar[CoreSpaceRun | None] = contextvars.ContextVa
 )
 
 
+class TiesThresholdsTask(Task[tuple]):
+    """First pass of ``ties_scope: global``: each adapter's magnitude threshold over all
+    merged modules. Every TIES merge task depends on it, so it runs once, first."""
+
+    space: Space
+    modules: tuple[tuple[tuple[int, LoraModule], ...], ...]  # per weight: (adapter, LoRA)
+    adapters: int
+    parameters: MergeParameters
+    device: str
+    quiet: bool = False
+
+    def arguments(self) -> dict[str, Task]:
+        return {}
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def duplicate_per_gpu(self) -> bool:
+        return True
+
+    def execute(self) -> tuple:
+        return global_ties_thresholds(
+            self.modules,
+            self.adapters,
+            self.parameters,
+            self.space,
+            device=self.device,
+            progress=not self.quiet,
+        )
+
+
 class CoreSpaceMergeTask(Task[torch.Tensor]):
     """``W + ΔW`` for one weight: the base tensor comes from mergekit, the LoRA factors
     of this module are read here, merged in ``space``, and added in one step."""
@@ -227,11 +277,16 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
     weight_name: str
     space: Space
     loras: tuple[LoraModule, ...]
+    adapter_indices: tuple[int, ...]
     weights: tuple[float, ...]
     parameters: MergeParameters
+    seed: int
+    thresholds: TiesThresholdsTask | None = None
 
     def arguments(self) -> dict[str, Task]:
-        return {"base": self.base}
+        if self.thresholds is None:
+            return {"base": self.base}
+        return {"base": self.base, "thresholds": self.thresholds}
 
     def group_label(self) -> str | None:
         return self.base.group_label()  # keeps the merge next to its load and save
@@ -239,15 +294,21 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
     def uses_accelerator(self) -> bool:
         return True
 
-    def execute(self, base: torch.Tensor) -> torch.Tensor:
+    def execute(self, base: torch.Tensor, thresholds: tuple | None = None) -> torch.Tensor:
         for lora in self.loras:
             if lora.delta_shape != tuple(base.shape):
                 raise CoreSpaceError(
                     f"{lora.file}: {lora.module} gives a {lora.delta_shape} delta but the base "
                     f"weight {self.weight_name} is {tuple(base.shape)}"
                 )
-        delta = merge_lora_modules(
-            self.loras, self.weights, self.parameters, self.space, device=base.device
+        factors = read_module_factors(self.loras, self.parameters, device=base.device)
+        delta = merge_factors(
+            factors,
+            self.weights,
+            self.parameters,
+            self.space,
+            seed=self.seed,
+            thresholds=None if thresholds is None else [thresholds[i] for i in self.adapter_indices],
         )
         compute_dtype = COMPUTE_DTYPES[self.parameters.precision]
         return delta.add_to(base.to(compute_dtype)).to(base.dtype)
@@ -259,9 +320,10 @@ class CoreSpaceRun:
 
     space: Space
     base_model: ModelReference
-    adapters: dict[ModelReference, LoraAdapter]
+    adapters: dict[ModelReference, LoraAdapter]  # in the order the config lists them
     # adapter reference -> base weight name -> that adapter's LoRA on it
     loras: dict[ModelReference, dict[str, LoraModule]] = field(default_factory=dict)
+    thresholds: TiesThresholdsTask | None = None
 
     def plan_tensor(self, planner, weight, weights_in, models, cfg_reader) -> Task | None:
         from mergekit.parameter_resolver import resolve_parameters
@@ -296,24 +358,82 @@ class CoreSpaceRun:
             base_model=base_model,
             t=cfg_reader.t,
         )
-        try:
-            parameters = MergeParameters.model_validate(shared)
-        except ValidationError as error:
-            raise CoreSpaceError(f"parameters for {weight.name}: {_first_error(error)}") from None
+        parameters = self._validated(shared, weight.name)
         weights = tuple(per_input[model]["weight"] for _, model in edits)
-        if parameters.merge == "mean" and sum(weights) == 0:
-            raise CoreSpaceError(
-                f"models: the weights of the adapters on {weight.name} sum to 0; merge: mean "
-                "divides by that sum"
-            )
+        _check_weights(parameters, weights, [model for _, model in edits], weight.name)
+        thresholds = None
+        if parameters.merge == "ties" and parameters.ties_scope == "global":
+            thresholds = self._thresholds_task(parameters, models, planner.options)
+        adapter_order = list(self.adapters)
         return CoreSpaceMergeTask(
             base=load,
             weight_name=weight.name,
             space=self.space,
             loras=tuple(lora for lora, _ in edits),
+            adapter_indices=tuple(adapter_order.index(model) for _, model in edits),
             weights=weights,
             parameters=parameters,
+            seed=module_seed(planner.options.random_seed, weight.name),
+            thresholds=thresholds,
         )
+
+    def _validated(self, shared: Mapping[str, Any], weight_name: str) -> MergeParameters:
+        given = {name: value for name, value in shared.items() if value is not None}
+        try:
+            parameters = MergeParameters.model_validate(given)
+        except ValidationError as error:
+            raise CoreSpaceError(f"parameters for {weight_name}: {_first_error(error)}") from None
+        if "knots_scale_tasks" in given and self.space != "knots":
+            raise CoreSpaceError("parameters.knots_scale_tasks: only read by merge_method: knots")
+        return parameters
+
+    def _thresholds_task(self, parameters, models, options) -> TiesThresholdsTask:
+        """One first pass for the whole run, over every module any adapter touches, with the
+        adapters in the order the merge tasks see them (the bases depend on that order)."""
+        if self.thresholds is None:
+            adapter_order = list(self.adapters)
+            ordered = [model for model in models if model in self.adapters]
+            weight_names = dict.fromkeys(
+                name for model in ordered for name in self.loras[model]
+            )
+            modules = tuple(
+                tuple(
+                    (adapter_order.index(model), self.loras[model][name])
+                    for model in ordered
+                    if name in self.loras[model]
+                )
+                for name in weight_names
+            )
+            self.thresholds = TiesThresholdsTask(
+                space=self.space,
+                modules=modules,
+                adapters=len(adapter_order),
+                parameters=parameters,
+                device=options.device or "cpu",
+                quiet=options.quiet,
+            )
+        elif self.thresholds.parameters != parameters:
+            raise CoreSpaceError(
+                "parameters: ties_scope: global needs the same merge parameters (density, "
+                "precision, …) for every module; remove the per-module filters or use "
+                "ties_scope: module"
+            )
+        return self.thresholds
+
+
+def _check_weights(parameters, weights, models, weight_name: str) -> None:
+    if parameters.merge == "mean" and sum(weights) == 0:
+        raise CoreSpaceError(
+            f"models: the weights of the adapters on {weight_name} sum to 0; merge: mean "
+            "divides by that sum"
+        )
+    if parameters.merge in POSITIVE_WEIGHTS:
+        for model, weight in zip(models, weights):
+            if weight <= 0:
+                raise CoreSpaceError(
+                    f"models: {model} has weight {weight}; merge: {parameters.merge} takes "
+                    "weighted means and needs positive weights (ta, mean and dare accept any)"
+                )
 
 
 def prepare_run(config, options) -> CoreSpaceRun:
@@ -321,8 +441,8 @@ def prepare_run(config, options) -> CoreSpaceRun:
     base_model = _check_models(config)
     _check_parameters(config)
     adapters = {}
-    for model in config.referenced_models():
-        if model.lora is not None:
+    for model in _listed_models(config):
+        if model.lora is not None and model not in adapters:
             adapters[model] = LoraAdapter.open(model.lora.path)
             named = adapters[model].base_model_name
             if named and _last_part(named) != _last_part(base_model.model.path):
@@ -375,7 +495,7 @@ def _check_models(config) -> ModelReference:
             "base model's tokenizer, which is copied to the output"
         )
     adapters = 0
-    for model in config.referenced_models():
+    for model in dict.fromkeys(_listed_models(config)):
         if model == base_model:
             continue
         if model.lora is None:
@@ -392,6 +512,18 @@ def _check_models(config) -> ModelReference:
     if adapters == 0:
         raise CoreSpaceError(f"models: {method} needs at least one `base+adapter` model")
     return base_model
+
+
+def _listed_models(config) -> Iterator[ModelReference]:
+    """Every input model reference, in the order the config lists them."""
+    for model in config.models or ():
+        yield model.model
+    for slice_ in config.slices or ():
+        yield from (source.model for source in slice_.sources)
+    for module in (config.modules or {}).values():
+        yield from (model.model for model in module.models or ())
+        for slice_ in module.slices or ():
+            yield from (source.model for source in slice_.sources)
 
 
 def _check_parameters(config) -> None:

@@ -6,21 +6,72 @@ Pure torch plus safetensors reads; no mergekit.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
 
+from mergekit_corespace import merges
 from mergekit_corespace.adapters import LoraModule, read_factors
-from mergekit_corespace.merges import task_arithmetic, weighted_mean
 from mergekit_corespace.options import MergeParameters, Space
 from mergekit_corespace.spaces import SPACES, LowRank, MergedDelta
 
-INNER_METHODS = {
-    "ta": task_arithmetic,
-    "mean": weighted_mean,
-}
-
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def module_seed(random_seed: int | None, weight_name: str) -> int:
+    """DARE's seed for one weight: a function of ``--random-seed`` (0 when unset) and the
+    weight's name only, so reruns, thread counts and devices give the same masks."""
+    digest = hashlib.sha256(f"{random_seed or 0}:{weight_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def inner_merge(
+    parameters: MergeParameters,
+    weights: Sequence[float],
+    seed: int = 0,
+    thresholds: Sequence[float] | None = None,
+):
+    """The inner method of ``parameters`` as a function of the T task matrices, λ applied."""
+    method, weights = parameters.merge, list(weights)
+
+    def merge(tasks: Sequence[torch.Tensor]) -> torch.Tensor:
+        if method in ("dare", "dare_ties"):
+            generator = torch.Generator().manual_seed(seed)
+            dare = merges.dare if method == "dare" else merges.dare_ties
+            merged = dare(tasks, weights, parameters.effective_density, generator)
+        elif method == "ties":
+            merged = merges.ties(tasks, weights, parameters.effective_density, thresholds)
+        elif method == "tsv":
+            merged = merges.tsv(tasks, weights, parameters.tsv_budget)
+        elif method == "cart":
+            merged = merges.cart(tasks, weights, parameters.cart_rank_ratio, parameters.cart_alpha)
+        elif method == "iso_cts":
+            merged = merges.iso_cts(tasks, weights, parameters.iso_common_fraction)
+        else:
+            merged = {
+                "ta": merges.task_arithmetic,
+                "mean": merges.weighted_mean,
+                "iso_c": merges.iso_c,
+            }[method](tasks, weights)
+        return parameters.lambda_ * merged
+
+    return merge
+
+
+def task_space(factors: Sequence[LowRank], parameters: MergeParameters, space: Space):
+    """The module's factors in ``space`` (an object with ``tasks`` and ``back``)."""
+    if space == "knots":
+        return SPACES[space](factors, scale_tasks=parameters.knots_scale_tasks)
+    return SPACES[space](factors)
+
+
+def read_module_factors(
+    loras: Sequence[LoraModule], parameters: MergeParameters, device: torch.device | str = "cpu"
+) -> list[LowRank]:
+    """Read the factors of one module from each adapter (lazily, now), in compute dtype."""
+    dtype = COMPUTE_DTYPES[parameters.precision]
+    return [read_factors(lora, dtype=dtype, device=device) for lora in loras]
 
 
 def merge_factors(
@@ -28,24 +79,33 @@ def merge_factors(
     weights: Sequence[float],
     parameters: MergeParameters,
     space: Space = "core",
+    seed: int = 0,
+    thresholds: Sequence[float] | None = None,
 ) -> MergedDelta:
     """Merge the LoRA factors of one module in ``space`` with the inner method of ``parameters``."""
-    inner = INNER_METHODS[parameters.merge]
-
-    def merge(tasks: Sequence[torch.Tensor]) -> torch.Tensor:
-        return parameters.lambda_ * inner(tasks, weights)
-
-    return SPACES[space](factors, merge)
+    chosen = task_space(factors, parameters, space)
+    return chosen.back(inner_merge(parameters, weights, seed, thresholds)(chosen.tasks))
 
 
-def merge_lora_modules(
-    loras: Sequence[LoraModule],
-    weights: Sequence[float],
+def global_ties_thresholds(
+    modules: Sequence[Sequence[tuple[int, LoraModule]]],
+    adapters: int,
     parameters: MergeParameters,
-    space: Space = "core",
+    space: Space,
     device: torch.device | str = "cpu",
-) -> MergedDelta:
-    """Read the factors of one module from each adapter (lazily, now) and merge them."""
-    dtype = COMPUTE_DTYPES[parameters.precision]
-    factors = [read_factors(lora, dtype=dtype, device=device) for lora in loras]
-    return merge_factors(factors, weights, parameters, space)
+    progress: bool = True,
+) -> tuple[float, ...]:
+    """First pass of ``ties_scope: global``: for each adapter, the magnitude above which
+    its top-``density`` share of task entries lies, over all modules of the run.
+
+    ``modules`` lists, per merged weight, ``(adapter index, LoRA)`` in merge order (the
+    core basis depends on it). Memory: one module's tasks plus a fixed-size sketch."""
+    from tqdm import tqdm
+
+    sketch = merges.MagnitudeSketch(adapters)
+    for module in tqdm(modules, desc="TIES global magnitudes", disable=not progress):
+        factors = read_module_factors([lora for _, lora in module], parameters, device)
+        for (adapter, _), task in zip(module, task_space(factors, parameters, space).tasks):
+            sketch.add(adapter, task)
+    density = parameters.effective_density
+    return tuple(sketch.threshold(adapter, density) for adapter in range(adapters))

@@ -84,3 +84,19 @@ def assert_merge_matches(out, base, expected, changed, rtol):
             assert relative_error(delta, want) <= rtol, name
         else:
             assert torch.equal(tensor, base_tensors[name]), f"{name} changed"
+
+
+@functools.lru_cache(maxsize=None)
+def peft_factors(base: str, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per base weight name, ``(s·B, A)`` as PEFT's own LoRA layers hold them (float64)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = PeftModel.from_pretrained(toy.load_model(base, dtype=torch.float64), adapter)
+    model = model.to(torch.float64)
+    factors = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            b = module.lora_B["default"].weight.detach() * module.scaling["default"]
+            factors[name + ".weight"] = (b, module.lora_A["default"].weight.detach())
+    return factors

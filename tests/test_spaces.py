@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from mergekit_corespace import spaces
-from mergekit_corespace.merges import task_arithmetic, weighted_mean
-from mergekit_corespace.spaces import CoreBasis, core_space, full_space, knots_space
+from mergekit_corespace.options import MergeParameters
+from mergekit_corespace.pipeline import merge_factors
+from mergekit_corespace.spaces import CoreSpace
 
 
 def random_factors(m=48, n=40, ranks=(4, 8, 16), seed=0, dtype=torch.float64):
@@ -17,34 +18,29 @@ def random_factors(m=48, n=40, ranks=(4, 8, 16), seed=0, dtype=torch.float64):
     ]
 
 
-def dense_sum(factors, weights):
-    return sum(w * (b @ a) for (b, a), w in zip(factors, weights))
-
-
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-WEIGHTS = [1.0, -0.5, 0.25]
+@pytest.mark.parametrize("space", ["core", "knots", "full"])
+@pytest.mark.parametrize("scale_tasks", [True, False])
+def test_task_arithmetic_is_lossless_in_every_space(space, scale_tasks):
+    factors, weights = random_factors(), [1.0, -0.5, 0.25]
+    parameters = MergeParameters(merge="ta", knots_scale_tasks=scale_tasks)
+    merged = merge_factors(factors, weights, parameters, space).to_dense()
+    dense = sum(w * (b @ a) for (b, a), w in zip(factors, weights))
+    assert rel(merged, dense) < 1e-12
 
 
-@pytest.mark.parametrize("space", [core_space, knots_space, full_space])
-def test_task_arithmetic_is_lossless_in_every_space(space):
-    factors = random_factors()
-    merged = space(factors, lambda tasks: task_arithmetic(tasks, WEIGHTS)).to_dense()
-    assert rel(merged, dense_sum(factors, WEIGHTS)) < 1e-12
-
-
-def test_core_knots_and_full_agree_for_ta_and_mean():
-    factors = random_factors(ranks=(3, 5, 8, 2))
-    weights = [0.3, 1.2, -0.7, 2.0]
-    for inner in (task_arithmetic, weighted_mean):
-        results = [
-            space(factors, lambda tasks: inner(tasks, weights)).to_dense()
-            for space in (core_space, knots_space, full_space)
-        ]
-        assert rel(results[0], results[2]) < 1e-10
-        assert rel(results[1], results[2]) < 1e-10
+@pytest.mark.parametrize("method", ["ta", "mean"])
+def test_core_knots_and_full_agree_for_linear_merges(method):
+    factors, weights = random_factors(ranks=(3, 5, 8, 2)), [0.3, 1.2, 0.7, 2.0]
+    parameters = MergeParameters(merge=method, **{"lambda": 0.6})
+    core, knots, full = (
+        merge_factors(factors, weights, parameters, space).to_dense()
+        for space in ("core", "knots", "full")
+    )
+    assert rel(core, full) < 1e-10 and rel(knots, full) < 1e-10
 
 
 def test_core_space_never_decomposes_an_m_by_n_matrix(monkeypatch):
@@ -57,16 +53,15 @@ def test_core_space_never_decomposes_an_m_by_n_matrix(monkeypatch):
         return real_svd(matrix, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "svd", recording_svd)
-    core_space(factors, lambda tasks: task_arithmetic(tasks, [1.0, 1.0]))
+    merge_factors(factors, [1.0, 1.0], MergeParameters(merge="ta"), "core")
     assert shapes == [(300, 12), (12, 200)]
 
 
 def test_cores_are_r_by_r_and_reconstruct_each_task():
     factors = random_factors()
-    basis = CoreBasis.from_factors(factors)
+    basis = CoreSpace(factors)
     assert basis.u_b.shape == (48, 28) and basis.v_a.shape == (28, 40)
-    for b, a in factors:
-        core = basis.core((b, a))
+    for (b, a), core in zip(factors, basis.tasks):
         assert core.shape == (28, 28)
         assert rel(basis.u_b @ core @ basis.v_a, b @ a) < 1e-12
 
@@ -75,15 +70,22 @@ def test_rank_cut_is_relative_to_the_largest_singular_value():
     # two adapters sharing all directions: R = 8 nominal, 4 real, at any scale
     b, a = random_factors(ranks=(4,))[0]
     for scale in (1e-12, 1.0, 1e12):
-        duplicated = [(scale * b, a), (2 * scale * b, a)]
-        basis = CoreBasis.from_factors(duplicated)
+        basis = CoreSpace([(scale * b, a), (2 * scale * b, a)])
         assert basis.u_b.shape[1] == 4 and basis.v_a.shape[0] == 4
+
+
+def test_knots_tasks_are_blocks_of_one_svd():
+    factors = random_factors(ranks=(2, 3))
+    space = spaces.KnotsSpace(factors, scale_tasks=False)
+    assert len(space.tasks) == 2 and all(t.shape == (5, 40) for t in space.tasks)
+    stacked = torch.cat(space.tasks, dim=1)
+    assert torch.allclose(stacked @ stacked.T, torch.eye(5, dtype=torch.float64), atol=1e-12)
 
 
 def test_all_zero_adapters_give_a_zero_delta():
     factors = [(torch.zeros(10, 2, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))]
-    for space in (core_space, knots_space, full_space):
-        merged = space(factors, lambda tasks: task_arithmetic(tasks, [1.0])).to_dense()
+    for space in ("core", "knots", "full"):
+        merged = merge_factors(factors, [1.0], MergeParameters(), space).to_dense()
         assert merged.shape == (10, 6) and not merged.any()
 
 
