@@ -64,6 +64,7 @@ from mergekit_corespace.options import (
     MergeParameters,
     Space,
 )
+from mergekit_corespace.spaces import MergedDelta, truncate
 from mergekit_corespace.pipeline import (
     COMPUTE_DTYPES,
     global_ties_thresholds,
@@ -81,6 +82,8 @@ INTERNALS = (
     "mergekit.plan.MergePlanner.plan_tensor",  # wrapped; appends to MergePlanner._tensors
     "mergekit.plan.MergePlanner.plan_to_disk",  # turns MergePlanner._tensors into SaveTensor tasks
     "mergekit.io.tasks.LoadTensor",  # built by our planner for base weights
+    "mergekit.plan.MergePlanner.__init__",  # merge_to_adapter plans like a model merge ...
+    "mergekit.plan.MergePlanner._plan",  # ... and reads the planned tasks from _tensors
 )
 # merge_method name -> space the inner method runs in
 METHOD_SPACES: dict[str, Space] = {"core_space": "core", "knots": "knots", "full_space": "full"}
@@ -301,8 +304,14 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
                     f"{lora.file}: {lora.module} gives a {lora.delta_shape} delta but the base "
                     f"weight {self.weight_name} is {tuple(base.shape)}"
                 )
-        factors = read_module_factors(self.loras, self.parameters, device=base.device)
-        delta = merge_factors(
+        delta = self.merged_delta(base.device, thresholds)
+        compute_dtype = COMPUTE_DTYPES[self.parameters.precision]
+        return delta.add_to(base.to(compute_dtype)).to(base.dtype)
+
+    def merged_delta(self, device, thresholds: tuple | None = None) -> MergedDelta:
+        """This weight's merged ΔW (factored where the space allows); no base weight needed."""
+        factors = read_module_factors(self.loras, self.parameters, device=device)
+        return merge_factors(
             factors,
             self.weights,
             self.parameters,
@@ -310,8 +319,6 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
             seed=self.seed,
             thresholds=None if thresholds is None else [thresholds[i] for i in self.adapter_indices],
         )
-        compute_dtype = COMPUTE_DTYPES[self.parameters.precision]
-        return delta.add_to(base.to(compute_dtype)).to(base.dtype)
 
 
 @dataclass
@@ -323,6 +330,8 @@ class CoreSpaceRun:
     adapters: dict[ModelReference, LoraAdapter]  # in the order the config lists them
     # adapter reference -> base weight name -> that adapter's LoRA on it
     loras: dict[ModelReference, dict[str, LoraModule]] = field(default_factory=dict)
+    # base weight name -> the name it is stored under in the base checkpoint
+    stored_names: dict[str, str] = field(default_factory=dict)
     thresholds: TiesThresholdsTask | None = None
 
     def plan_tensor(self, planner, weight, weights_in, models, cfg_reader) -> Task | None:
@@ -455,7 +464,7 @@ def prepare_run(config, options) -> CoreSpaceRun:
     run = CoreSpaceRun(
         space=METHOD_SPACES[config.merge_method], base_model=base_model, adapters=adapters
     )
-    weights, shapes = _base_weights(config, options, base_model)
+    weights, shapes, run.stored_names = _base_weights(config, options, base_model)
     for model, adapter in adapters.items():
         matched, unmatched = match_modules(adapter.modules, weights)
         if unmatched:
@@ -583,7 +592,8 @@ def _first_error(error: ValidationError) -> str:
 
 
 def _base_weights(config, options, base_model: ModelReference):
-    """All weight names of the base (canonical -> names incl. aliases) and their shapes."""
+    """All weight names of the base (canonical -> names incl. aliases), their shapes, and
+    the name each is stored under in the base checkpoint."""
     arch_info = get_architecture_info(config, options)
     base_config = base_model.config(trust_remote_code=options.trust_remote_code)
     weights = {
@@ -591,13 +601,101 @@ def _base_weights(config, options, base_model: ModelReference):
         for weight in ConfiguredModelArchitecture(info=arch_info, config=base_config).all_weights()
     }
     index = base_model.tensor_index(cache_dir=options.transformers_cache)
-    shapes = {}
+    shapes, stored_names = {}, {}
     for canonical, names in weights.items():
         stored = next((name for name in names if name in index.tensor_paths), None)
-        if stored is not None and index.is_safetensors:
+        if stored is None:
+            continue
+        stored_names[canonical] = stored
+        if index.is_safetensors:
             with safe_open(os.path.join(index.base_path, index.tensor_paths[stored]), "pt") as f:
                 shapes[canonical] = tuple(f.get_slice(stored).get_shape())
-    return weights, shapes
+    return weights, shapes, stored_names
+
+
+# ---------------------------------------------------------------------------------------
+# Merged adapter output
+
+
+@dataclass
+class AdapterReport:
+    """What :func:`merge_to_adapter` wrote: per module, its rank and truncation error."""
+
+    path: str
+    ranks: dict[str, int]
+    errors: dict[str, float]  # relative Frobenius error of the truncation
+
+    def summary(self) -> str:
+        worst = max(self.errors, key=self.errors.get)
+        ranks = sorted(set(self.ranks.values()))
+        shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+        return (
+            f"merged adapter: {len(self.ranks)} modules, rank {shown}; relative truncation "
+            f"error worst {self.errors[worst]:.2e} ({worst}), mean "
+            f"{sum(self.errors.values()) / len(self.errors):.2e} -> {self.path}"
+        )
+
+
+def merge_to_adapter(
+    config, out_path: str, options, rank: int | None = None, energy: float | None = None
+) -> AdapterReport:
+    """Merge the config's adapters into one PEFT LoRA adapter at ``out_path``.
+
+    Planned by mergekit's ``MergePlanner`` like a model merge (so filters, gradients,
+    seeds and ``ties_scope: global`` resolve identically), but only the merge tasks run,
+    without the base weights: each module's merged delta is cut to ``rank`` or ``energy``
+    (default: every non-null direction, i.e. exact) from its factored form.
+    """
+    from mergekit.common import dtype_from_name
+    from mergekit.plan import MergePlanner
+    from tqdm import tqdm
+
+    from mergekit_corespace.lora_export import write_lora_adapter
+
+    if config.merge_method not in METHOD_SPACES:
+        raise CoreSpaceError(
+            f"merge_method: {config.merge_method!r}; an adapter can only be merged with "
+            f"{', '.join(METHOD_SPACES)}"
+        )
+    run = prepare_run(config, options)
+    LoaderCache().setup(options)
+    token = _ACTIVE_RUN.set(run)
+    try:
+        planner = MergePlanner(
+            config,
+            get_architecture_info(config, options),
+            options=options,
+            out_model_config=run.base_model.config(trust_remote_code=options.trust_remote_code),
+        )
+        planner._plan()  # plan_in_memory would wrap tasks in ReturnTensor, which rejects ours
+        planned = [task for _, task in planner._tensors]
+    finally:
+        _ACTIVE_RUN.reset(token)
+    tasks = [task for task in planned if isinstance(task, CoreSpaceMergeTask)]
+    thresholds = run.thresholds.execute() if run.thresholds is not None else None
+    modules = {}
+    for task in tqdm(tasks, desc="Merging adapters", disable=options.quiet):
+        module = run.stored_names.get(task.weight_name, task.weight_name).removesuffix(".weight")
+        modules[module] = truncate(
+            task.merged_delta(options.device or "cpu", thresholds), rank=rank, energy=energy
+        )
+        LOG.info("%s: rank %d, relative truncation error %.3e", module,
+                 modules[module].rank, modules[module].relative_error)
+    dtype = dtype_from_name(config.out_dtype or config.dtype) or torch.float32
+    with staged_output(out_path) as staging:
+        os.makedirs(staging)
+        write_lora_adapter(
+            staging,
+            modules,
+            base_model_name_or_path=run.base_model.model.path,
+            inputs=[adapter.config for adapter in run.adapters.values()],
+            dtype=dtype,
+        )
+    return AdapterReport(
+        path=os.path.abspath(out_path),
+        ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
+        errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
+    )
 
 
 # ---------------------------------------------------------------------------------------

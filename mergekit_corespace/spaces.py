@@ -46,6 +46,55 @@ class MergedDelta:
             return weight + self.dense.to(weight.dtype)
         return torch.addmm(weight, self.left.to(weight.dtype), self.right.to(weight.dtype))
 
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Thin SVD of ΔW. Factored: QR of both factors and an SVD of the k×k product of
+        their R's — nothing m×n is formed. Dense: the thin SVD of the m×n delta itself."""
+        if self.dense is not None:
+            return torch.linalg.svd(self.dense, full_matrices=False)
+        q_left, r_left = torch.linalg.qr(self.left)
+        q_right, r_right = torch.linalg.qr(self.right.T)
+        p, s, qh = torch.linalg.svd(r_left @ r_right.T)
+        return q_left @ p, s, qh @ q_right.T
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.dense is not None:
+            return tuple(self.dense.shape)
+        return (self.left.shape[0], self.right.shape[1])
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """``ΔW ≈ B @ A`` of rank ``rank``, and the relative Frobenius error of that cut."""
+
+    b: torch.Tensor  # m×rank
+    a: torch.Tensor  # rank×n
+    relative_error: float
+
+    @property
+    def rank(self) -> int:
+        return self.b.shape[1]
+
+
+def truncate(delta: MergedDelta, rank: int | None = None, energy: float | None = None) -> LowRankDelta:
+    """Best rank-k factors of ΔW (Eckart–Young), singular values split evenly between B and A.
+
+    ``rank=None, energy=None`` keeps every non-null direction (exact up to rounding);
+    ``rank=k`` keeps at most k; ``energy=e`` keeps the fewest directions holding a share
+    ``e`` of ‖ΔW‖²_F. The error is ``sqrt(Σ_dropped σ²) / sqrt(Σ σ²)``.
+    """
+    u, s, vh = delta.svd()
+    k = relative_rank_cut(s, delta.shape)
+    if rank is not None:
+        k = min(k, rank)
+    if energy is not None and k:
+        cumulative = (s**2).cumsum(0) / (s**2).sum()
+        k = min(k, int((cumulative < energy - 1e-12).sum()) + 1)
+    total = (s**2).sum()
+    error = float(((s[k:] ** 2).sum() / total).sqrt()) if total > 0 else 0.0
+    root = s[:k].sqrt()
+    return LowRankDelta(b=u[:, :k] * root, a=root[:, None] * vh[:k], relative_error=error)
+
 
 def relative_rank_cut(singular_values: torch.Tensor, shape: Sequence[int]) -> int:
     """How many singular values are not null, relative to the largest (numpy's rank rule)."""

@@ -20,6 +20,8 @@ FINGERPRINTS = {
     "mergekit.plan.MergePlanner.plan_tensor": "14342e40ba15bc9e",
     "mergekit.plan.MergePlanner.plan_to_disk": "8c10e5aa9f389ea4",
     "mergekit.io.tasks.LoadTensor": "8c9216a72d98173e",
+    "mergekit.plan.MergePlanner.__init__": "a22d2960962049f6",
+    "mergekit.plan.MergePlanner._plan": "7d1537dbe8fa7495",
 }
 
 

@@ -26,3 +26,20 @@ def test_every_parameter_is_documented():
     table = README.split("### Parameters", 1)[1].split("\n### ", 1)[0]
     for name in [*parameter_names(), *PER_ADAPTER_DEFAULTS]:
         assert f"| `{name}` |" in table, name
+
+
+def test_every_yaml_example_is_a_valid_configuration():
+    import yaml
+
+    from mergekit_corespace.method import METHOD_SPACES
+    from mergekit_corespace.options import MergeParameters
+
+    examples = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.+?)```", README, re.S)]
+    methods = set()
+    for example in examples:
+        if "merge_method" in example:
+            assert example["merge_method"] in METHOD_SPACES
+        parameters = example.get("parameters")
+        if isinstance(parameters, dict) and all(not isinstance(v, list) for v in parameters.values()):
+            methods.add(MergeParameters.model_validate(parameters).merge)
+    assert methods == set(MergeParameters.model_fields["merge"].annotation.__args__)
