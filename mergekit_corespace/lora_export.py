@@ -1,10 +1,13 @@
 """A merged LoRA as a standard PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Each merged module is ``ΔW = B @ A`` (:func:`mergekit_corespace.spaces.truncate`). PEFT
-applies ``scaling · B @ A`` with ``scaling = lora_alpha / r``, so every module is written
-with ``lora_alpha = r`` (scaling 1): the adapter reproduces the merged delta exactly, and
-modules whose rank differs from the most common one get ``rank_pattern`` / ``alpha_pattern``
-entries (exact, escaped module paths, since PEFT reads those keys as regular expressions).
+Each merged module is ``ΔW = B @ A`` in the base weight's layout
+(:func:`mergekit_corespace.spaces.truncate`). PEFT applies ``scaling · B @ A`` with
+``scaling = lora_alpha / r``, so every module is written with ``lora_alpha = r``
+(scaling 1) and the adapter reproduces the merged delta exactly; modules whose rank
+differs from the most common one get ``rank_pattern`` / ``alpha_pattern`` entries (exact,
+escaped module paths, since PEFT reads those keys as regular expressions). Conv1D and
+embedding layers are written in PEFT's transposed layouts; weights some input adapter
+saved whole are written whole again, as ``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -21,25 +25,42 @@ from mergekit_corespace.adapters import WEIGHTS_FILE
 from mergekit_corespace.spaces import LowRankDelta
 
 PEFT_PREFIX = "base_model.model."
+Layout = Literal["linear", "conv1d", "embedding"]
 
 
 def adapter_tensors(
-    modules: Mapping[str, LowRankDelta], dtype: torch.dtype
+    modules: Mapping[str, LowRankDelta],
+    layouts: Mapping[str, Layout],
+    saved: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     tensors = {}
     for module, delta in sorted(modules.items()):
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = delta.a.to("cpu", dtype).contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = delta.b.to("cpu", dtype).contiguous()
+        a, b = delta.a, delta.b  # ΔW = b @ a in the base weight's layout
+        if layouts.get(module, "linear") != "linear":  # PEFT computes (B A)ᵀ for these
+            a, b = delta.b.T, delta.a.T
+        if layouts.get(module) == "embedding":
+            names = (f"{module}.lora_embedding_A", f"{module}.lora_embedding_B")
+        else:
+            names = (f"{module}.lora_A.weight", f"{module}.lora_B.weight")
+        for name, tensor in zip(names, (a, b)):
+            tensors[PEFT_PREFIX + name] = tensor.to("cpu", dtype).contiguous()
+    for name, tensor in sorted(saved.items()):
+        tensors[PEFT_PREFIX + name] = tensor.to("cpu", dtype).contiguous()
     return tensors
 
 
 def target_modules_of(inputs: Sequence, modules: Sequence[str]) -> list[str]:
-    """The union of the input adapters' ``target_modules`` when all are lists of names;
-    otherwise (a regex among them) the names of the merged modules themselves."""
+    """The union of the input adapters' ``target_modules`` (those that name a module of
+    the output) when all are lists of names; otherwise the output modules' own names."""
+    leaves = {module.rsplit(".", 1)[-1] for module in modules}
     targets = [getattr(config, "target_modules", None) for config in inputs]
     if targets and all(isinstance(t, (list, set, tuple)) for t in targets):
-        return sorted(set().union(*targets))
-    return sorted({module.rsplit(".", 1)[-1] for module in modules})
+        union = set().union(*targets)
+        used = {t for t in union if any(m == t or m.endswith("." + t) for m in modules)}
+        if used:
+            return sorted(used)
+    return sorted(leaves)
 
 
 def write_lora_adapter(
@@ -48,17 +69,25 @@ def write_lora_adapter(
     *,
     base_model_name_or_path: str,
     inputs: Sequence,
+    layouts: Mapping[str, Layout] | None = None,
+    saved: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write the merged adapter to ``path`` (which must exist)."""
+    """Write the merged adapter to ``path`` (which must exist).
+
+    ``modules``: module path -> its low-rank delta; ``layouts``: module path -> layout
+    (default linear); ``saved``: weight name -> a whole weight to save (modules_to_save).
+    """
     from peft import LoraConfig
 
+    layouts, saved = dict(layouts or {}), dict(saved or {})
     modules = {name: delta for name, delta in modules.items() if delta.rank > 0}
-    if not modules:
+    if not modules and not saved:
         raise ValueError("the merged adapter is empty: every merged delta is zero")
     ranks = {name: delta.rank for name, delta in modules.items()}
     # the most common rank; the largest of equally common ones, for a stable choice
-    rank = max(Counter(ranks.values()).items(), key=lambda item: (item[1], item[0]))[0]
+    counts = Counter(ranks.values()) or Counter({1: 1})
+    rank = max(counts.items(), key=lambda item: (item[1], item[0]))[0]
     pattern = {re.escape(name): r for name, r in sorted(ranks.items()) if r != rank}
     task_types = {getattr(config, "task_type", None) for config in inputs}
     config = LoraConfig(
@@ -66,7 +95,9 @@ def write_lora_adapter(
         lora_alpha=rank,
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
-        target_modules=target_modules_of(inputs, list(modules)),
+        target_modules=target_modules_of(inputs, list(modules)) if modules else [],
+        fan_in_fan_out=any(layouts.get(m) == "conv1d" for m in modules),
+        modules_to_save=sorted({name.rsplit(".", 1)[0] for name in saved}) or None,
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_types.pop() if len(task_types) == 1 else None,
         lora_dropout=0.0,
@@ -74,5 +105,7 @@ def write_lora_adapter(
     )
     config.save_pretrained(path)
     save_file(
-        adapter_tensors(modules, dtype), os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"}
+        adapter_tensors(modules, layouts, saved, dtype),
+        os.path.join(path, WEIGHTS_FILE),
+        metadata={"format": "pt"},
     )

@@ -39,7 +39,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from mergekit.architecture import ConfiguredModelArchitecture, get_architecture_info
+from mergekit.architecture import (
+    ConfiguredModelArchitecture,
+    arch_info_for_config,
+    get_architecture_info,
+)
 from mergekit.common import ModelReference
 from mergekit.graph import Task
 from mergekit.io.tasks import LoaderCache, LoadTensor
@@ -56,7 +60,13 @@ from mergekit.merge_methods.base import (
 from pydantic import TypeAdapter, ValidationError
 from safetensors import safe_open
 
-from mergekit_corespace.adapters import LoraAdapter, LoraModule, match_modules
+from mergekit_corespace.adapters import (
+    Contribution,
+    DenseWeight,
+    LoraAdapter,
+    LoraModule,
+    match_modules,
+)
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.options import (
     PER_ADAPTER_DEFAULTS,
@@ -70,7 +80,7 @@ from mergekit_corespace.pipeline import (
     global_ties_thresholds,
     merge_factors,
     module_seed,
-    read_module_factors,
+    read_inputs,
 )
 
 LOG = logging.getLogger(__name__)
@@ -273,13 +283,14 @@ class TiesThresholdsTask(Task[tuple]):
 
 
 class CoreSpaceMergeTask(Task[torch.Tensor]):
-    """``W + ΔW`` for one weight: the base tensor comes from mergekit, the LoRA factors
-    of this module are read here, merged in ``space``, and added in one step."""
+    """``W + ΔW`` for one weight: the base tensor comes from mergekit, each adapter's part
+    of this module (its LoRA factors, or a saved whole weight) is read here, merged in
+    ``space``, and added in one step."""
 
     base: LoadTensor
     weight_name: str
     space: Space
-    loras: tuple[LoraModule, ...]
+    contributions: tuple[tuple[Contribution, ...], ...]  # per adapter present
     adapter_indices: tuple[int, ...]
     weights: tuple[float, ...]
     parameters: MergeParameters
@@ -297,22 +308,33 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
     def uses_accelerator(self) -> bool:
         return True
 
-    def execute(self, base: torch.Tensor, thresholds: tuple | None = None) -> torch.Tensor:
-        for lora in self.loras:
-            if lora.delta_shape != tuple(base.shape):
-                raise CoreSpaceError(
-                    f"{lora.file}: {lora.module} gives a {lora.delta_shape} delta but the base "
-                    f"weight {self.weight_name} is {tuple(base.shape)}"
-                )
-        delta = self.merged_delta(base.device, thresholds)
-        compute_dtype = COMPUTE_DTYPES[self.parameters.precision]
-        return delta.add_to(base.to(compute_dtype)).to(base.dtype)
+    @property
+    def dense(self) -> bool:
+        """Whether some adapter saved this weight whole (then the merge runs in full space)."""
+        return any(isinstance(p, DenseWeight) for parts in self.contributions for p in parts)
 
-    def merged_delta(self, device, thresholds: tuple | None = None) -> MergedDelta:
-        """This weight's merged ΔW (factored where the space allows); no base weight needed."""
-        factors = read_module_factors(self.loras, self.parameters, device=device)
+    def execute(self, base: torch.Tensor, thresholds: tuple | None = None) -> torch.Tensor:
+        for parts in self.contributions:
+            for part in parts:
+                if part.delta_shape != tuple(base.shape):
+                    raise CoreSpaceError(
+                        f"{part.file}: {getattr(part, 'module', getattr(part, 'key', ''))} gives "
+                        f"a {part.delta_shape} delta but base weight {self.weight_name} is "
+                        f"{tuple(base.shape)}"
+                    )
+        compute_dtype = COMPUTE_DTYPES[self.parameters.precision]
+        base_compute = base.to(compute_dtype)
+        delta = self.merged_delta(base.device, thresholds, base=base_compute)
+        return delta.add_to(base_compute).to(base.dtype)
+
+    def merged_delta(
+        self, device, thresholds: tuple | None = None, base: torch.Tensor | None = None
+    ) -> MergedDelta:
+        """This weight's merged ΔW, factored where the space allows. ``base`` is only read
+        for weights some adapter saved whole (their delta is saved − base)."""
+        inputs = read_inputs(self.contributions, self.parameters, device=device, base=base)
         return merge_factors(
-            factors,
+            inputs,
             self.weights,
             self.parameters,
             self.space,
@@ -323,13 +345,13 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
 
 @dataclass
 class CoreSpaceRun:
-    """What one validated run knows: its adapters and which base weight each LoRA edits."""
+    """What one validated run knows: its adapters and what each changes in which weight."""
 
     space: Space
     base_model: ModelReference
     adapters: dict[ModelReference, LoraAdapter]  # in the order the config lists them
-    # adapter reference -> base weight name -> that adapter's LoRA on it
-    loras: dict[ModelReference, dict[str, LoraModule]] = field(default_factory=dict)
+    # adapter reference -> base weight name -> that adapter's parts of it
+    parts: dict[ModelReference, dict[str, tuple[Contribution, ...]]] = field(default_factory=dict)
     # base weight name -> the name it is stored under in the base checkpoint
     stored_names: dict[str, str] = field(default_factory=dict)
     thresholds: TiesThresholdsTask | None = None
@@ -353,9 +375,9 @@ class CoreSpaceRun:
             tied_names=base_in.tied_names,
         )
         edits = [
-            (self.loras[model][w_in.name], model)
+            (self.parts[model][w_in.name], model)
             for model, w_in in zip(models, weights_in)
-            if model != base_model and w_in.name in self.loras[model]
+            if model != base_model and w_in.name in self.parts[model]
         ]
         if not edits:
             return load  # untouched: copied from the base, bit for bit
@@ -378,7 +400,7 @@ class CoreSpaceRun:
             base=load,
             weight_name=weight.name,
             space=self.space,
-            loras=tuple(lora for lora, _ in edits),
+            contributions=tuple(parts for parts, _ in edits),
             adapter_indices=tuple(adapter_order.index(model) for _, model in edits),
             weights=weights,
             parameters=parameters,
@@ -402,20 +424,19 @@ class CoreSpaceRun:
         if self.thresholds is None:
             adapter_order = list(self.adapters)
             ordered = [model for model in models if model in self.adapters]
-            weight_names = dict.fromkeys(
-                name for model in ordered for name in self.loras[model]
-            )
-            modules = tuple(
-                tuple(
-                    (adapter_order.index(model), self.loras[model][name])
-                    for model in ordered
-                    if name in self.loras[model]
-                )
-                for name in weight_names
-            )
+            weight_names = dict.fromkeys(name for model in ordered for name in self.parts[model])
+            modules = []
+            for name in weight_names:
+                present = [(m, self.parts[m][name]) for m in ordered if name in self.parts[m]]
+                if any(len(parts) > 1 or isinstance(parts[0], DenseWeight) for _, parts in present):
+                    raise CoreSpaceError(
+                        f"parameters.ties_scope: global is not supported with adapters that "
+                        f"save whole weights (modules_to_save; {name}); use ties_scope: module"
+                    )
+                modules.append(tuple((adapter_order.index(m), parts[0]) for m, parts in present))
             self.thresholds = TiesThresholdsTask(
                 space=self.space,
-                modules=modules,
+                modules=tuple(modules),
                 adapters=len(adapter_order),
                 parameters=parameters,
                 device=options.device or "cpu",
@@ -449,6 +470,7 @@ def prepare_run(config, options) -> CoreSpaceRun:
     """Check the whole config and every adapter before mergekit plans or writes anything."""
     base_model = _check_models(config)
     _check_parameters(config)
+    _combine_duplicates(config)
     adapters = {}
     for model in _listed_models(config):
         if model.lora is not None and model not in adapters:
@@ -464,27 +486,143 @@ def prepare_run(config, options) -> CoreSpaceRun:
     run = CoreSpaceRun(
         space=METHOD_SPACES[config.merge_method], base_model=base_model, adapters=adapters
     )
-    weights, shapes, run.stored_names = _base_weights(config, options, base_model)
+    base = _BaseModel.read(config, options, base_model)
+    run.stored_names = base.stored_names
     for model, adapter in adapters.items():
-        matched, unmatched = match_modules(adapter.modules, weights)
-        if unmatched:
+        run.parts[model] = {}
+        modules, unmatched = match_modules(adapter.modules, base.names)
+        saved, unmatched_saved = match_modules(adapter.dense, base.names, suffix="")
+        if unmatched or unmatched_saved:
+            missing = [*unmatched, *unmatched_saved]
             raise CoreSpaceError(
-                f"{adapter.path}: LoRA on {unmatched[0]!r}, which base model "
+                f"{adapter.weights_file}: changes {missing[0]!r}, which base model "
                 f"{base_model.model.path} does not have"
-                + (f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else "")
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
-        run.loras[model] = {}
-        for module, weight_name in matched.items():
-            lora = adapter.modules[module]
-            shape = shapes.get(weight_name)
-            if shape is not None and tuple(shape) != lora.delta_shape:
-                raise CoreSpaceError(
-                    f"{lora.file}: {module} gives a {lora.delta_shape} delta (lora_B "
-                    f"{lora.out_features}×{lora.rank}, lora_A {lora.rank}×{lora.in_features}) "
-                    f"but base weight {weight_name} is {tuple(shape)}"
-                )
-            run.loras[model][weight_name] = lora
+        for module, weight_name in modules.items():
+            lora = base.oriented(adapter.modules[module], weight_name, adapter.config)
+            run.parts[model][weight_name] = (lora,)
+        for name, weight_name in saved.items():
+            dense = adapter.dense[name]
+            base.check_shape(dense.delta_shape, weight_name, f"{dense.file}: {dense.key}")
+            run.parts[model][weight_name] = (*run.parts[model].get(weight_name, ()), dense)
     return run
+
+
+@dataclass
+class _BaseModel:
+    """The base model's weight names (canonical -> all names incl. aliases), the name each
+    is stored under, and the stored shapes — read from headers only."""
+
+    reference: ModelReference
+    config: Any
+    names: dict[str, tuple[str, ...]]
+    stored_names: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    _conv1d: set[str] | None = None
+
+    @classmethod
+    def read(cls, config, options, base_model: ModelReference) -> _BaseModel:
+        path = base_model.model.path
+        if os.path.isabs(path) or path.startswith(".") or os.path.exists(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise CoreSpaceError(f"base_model: {path} is not a model directory (no config.json)")
+        try:
+            base_config = base_model.config(trust_remote_code=options.trust_remote_code)
+            arch_info = arch_info_for_config(base_config)
+            index = base_model.tensor_index(cache_dir=options.transformers_cache)
+        except Exception as error:
+            raise CoreSpaceError(f"base_model: {path}: {error}") from None
+        if arch_info is None:
+            raise CoreSpaceError(
+                f"base_model: {path}: mergekit has no architecture definition for "
+                f"{base_config.architectures}, and cannot infer one through LoRA references"
+            )
+        for shard in index.shards:
+            if not os.path.isfile(os.path.join(index.base_path, shard.filename)):
+                raise CoreSpaceError(
+                    f"{os.path.join(index.base_path, shard.filename)}: missing; the base "
+                    f"model's index lists it ({len(shard.contained_keys)} tensors)"
+                )
+        names = {
+            weight.name: (weight.name, *(weight.aliases or ()))
+            for weight in ConfiguredModelArchitecture(info=arch_info, config=base_config).all_weights()
+        }
+        stored_names, shapes = {}, {}
+        for canonical, known in names.items():
+            stored = next((name for name in known if name in index.tensor_paths), None)
+            if stored is None:
+                continue
+            stored_names[canonical] = stored
+            if index.is_safetensors:
+                shard = os.path.join(index.base_path, index.tensor_paths[stored])
+                try:
+                    with safe_open(shard, "pt") as handle:
+                        shapes[canonical] = tuple(handle.get_slice(stored).get_shape())
+                except Exception as error:
+                    raise CoreSpaceError(f"{shard}: unreadable ({error})") from None
+        return cls(base_model, base_config, names, stored_names, shapes)
+
+    def check_shape(self, shape: tuple[int, ...], weight_name: str, what: str) -> None:
+        expected = self.shapes.get(weight_name)
+        if expected is not None and tuple(shape) != expected:
+            raise CoreSpaceError(f"{what} has shape {tuple(shape)} but base weight "
+                                 f"{weight_name} is {expected}")
+
+    def oriented(self, lora: LoraModule, weight_name: str, adapter_config) -> LoraModule:
+        """``lora`` with ``transposed`` set for Conv1D weights (stored input-major), checked
+        against the base weight's shape."""
+        expected = self.shapes.get(weight_name)
+        if expected is not None and not lora.embedding:
+            normal, flipped = lora.delta_shape, lora.delta_shape[::-1]
+            square = normal == flipped
+            conv1d = (
+                getattr(adapter_config, "fan_in_fan_out", False)
+                and self.stored_names.get(weight_name, weight_name).removesuffix(".weight")
+                in self.conv1d_modules()
+            ) if square else flipped == expected
+            if conv1d:
+                lora = lora.model_copy(update={"transposed": True})
+        if expected is not None and lora.delta_shape != expected:
+            raise CoreSpaceError(
+                f"{lora.file}: {lora.module} gives a {lora.delta_shape} delta (lora_B "
+                f"{lora.out_features}×{lora.rank}, lora_A {lora.rank}×{lora.in_features}) "
+                f"but base weight {weight_name} is {expected}"
+            )
+        return lora
+
+    def conv1d_modules(self) -> set[str]:
+        """Module names of transformers ``Conv1D`` layers, from the base model on the meta
+        device (only built for square weights, whose layout the shape cannot tell)."""
+        if self._conv1d is None:
+            from mergekit.common import get_auto_cls
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                model = get_auto_cls(self.config.architectures[0]).from_config(self.config)
+            self._conv1d = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+        return self._conv1d
+
+
+def _combine_duplicates(config) -> None:
+    """An adapter listed twice under ``models:`` is merged once, with its weights added."""
+    combined = {}
+    for entry in config.models or ():
+        if entry.model not in combined:
+            combined[entry.model] = entry
+            continue
+        first = combined[entry.model]
+        default = (config.parameters or {}).get("weight", 1.0)
+        weights = [(e.parameters or {}).get("weight", default) for e in (first, entry)]
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise CoreSpaceError(
+                f"models: {entry.model} is listed twice with per-layer or filtered weights; "
+                "list it once"
+            )
+        LOG.warning("%s is listed twice: merged once with weight %s", entry.model, sum(weights))
+        first.parameters = {**(first.parameters or {}), "weight": float(sum(weights))}
+    if config.models:
+        config.models = list(combined.values())
 
 
 def _last_part(path: str) -> str:
@@ -591,28 +729,6 @@ def _first_error(error: ValidationError) -> str:
     return f"{where + ': ' if where else ''}{first['msg']} (got {first.get('input')!r})"
 
 
-def _base_weights(config, options, base_model: ModelReference):
-    """All weight names of the base (canonical -> names incl. aliases), their shapes, and
-    the name each is stored under in the base checkpoint."""
-    arch_info = get_architecture_info(config, options)
-    base_config = base_model.config(trust_remote_code=options.trust_remote_code)
-    weights = {
-        weight.name: (weight.name, *(weight.aliases or ()))
-        for weight in ConfiguredModelArchitecture(info=arch_info, config=base_config).all_weights()
-    }
-    index = base_model.tensor_index(cache_dir=options.transformers_cache)
-    shapes, stored_names = {}, {}
-    for canonical, names in weights.items():
-        stored = next((name for name in names if name in index.tensor_paths), None)
-        if stored is None:
-            continue
-        stored_names[canonical] = stored
-        if index.is_safetensors:
-            with safe_open(os.path.join(index.base_path, index.tensor_paths[stored]), "pt") as f:
-                shapes[canonical] = tuple(f.get_slice(stored).get_shape())
-    return weights, shapes, stored_names
-
-
 # ---------------------------------------------------------------------------------------
 # Merged adapter output
 
@@ -626,6 +742,8 @@ class AdapterReport:
     errors: dict[str, float]  # relative Frobenius error of the truncation
 
     def summary(self) -> str:
+        if not self.errors:
+            return f"merged adapter: only whole saved weights (modules_to_save) -> {self.path}"
         worst = max(self.errors, key=self.errors.get)
         ranks = sorted(set(self.ranks.values()))
         shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
@@ -673,12 +791,18 @@ def merge_to_adapter(
         _ACTIVE_RUN.reset(token)
     tasks = [task for task in planned if isinstance(task, CoreSpaceMergeTask)]
     thresholds = run.thresholds.execute() if run.thresholds is not None else None
-    modules = {}
+    device = options.device or "cpu"
+    modules, layouts, saved = {}, {}, {}
     for task in tqdm(tasks, desc="Merging adapters", disable=options.quiet):
-        module = run.stored_names.get(task.weight_name, task.weight_name).removesuffix(".weight")
-        modules[module] = truncate(
-            task.merged_delta(options.device or "cpu", thresholds), rank=rank, energy=energy
-        )
+        stored = run.stored_names.get(task.weight_name, task.weight_name)
+        if task.dense:  # some adapter saved this weight whole: so does the merged one
+            base = task.base.execute().to(device, COMPUTE_DTYPES[task.parameters.precision])
+            saved[stored] = task.merged_delta(device, thresholds, base=base).add_to(base)
+            continue
+        module = stored.removesuffix(".weight")
+        modules[module] = truncate(task.merged_delta(device, thresholds), rank=rank, energy=energy)
+        first = task.contributions[0][0]
+        layouts[module] = "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
         LOG.info("%s: rank %d, relative truncation error %.3e", module,
                  modules[module].rank, modules[module].relative_error)
     dtype = dtype_from_name(config.out_dtype or config.dtype) or torch.float32
@@ -689,6 +813,8 @@ def merge_to_adapter(
             modules,
             base_model_name_or_path=run.base_model.model.path,
             inputs=[adapter.config for adapter in run.adapters.values()],
+            layouts=layouts,
+            saved=saved,
             dtype=dtype,
         )
     return AdapterReport(

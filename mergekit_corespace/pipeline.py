@@ -12,9 +12,14 @@ from collections.abc import Sequence
 import torch
 
 from mergekit_corespace import merges
-from mergekit_corespace.adapters import LoraModule, read_factors
+from mergekit_corespace.adapters import Contribution, LoraModule, read_dense, read_factors
 from mergekit_corespace.options import MergeParameters, Space
 from mergekit_corespace.spaces import SPACES, LowRank, MergedDelta
+
+# One adapter's part of one weight: LoRA factors, or a dense delta (modules_to_save).
+TaskInput = LowRank | torch.Tensor
+# Methods built on SVDs; on 1-D deltas (biases) they fall back to the weighted mean.
+SVD_METHODS = ("tsv", "cart", "iso_c", "iso_cts")
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -36,7 +41,9 @@ def inner_merge(
     method, weights = parameters.merge, list(weights)
 
     def merge(tasks: Sequence[torch.Tensor]) -> torch.Tensor:
-        if method in ("dare", "dare_ties"):
+        if tasks[0].dim() < 2 and method in SVD_METHODS:
+            merged = merges.weighted_mean(tasks, weights)
+        elif method in ("dare", "dare_ties"):
             generator = torch.Generator().manual_seed(seed)
             dare = merges.dare if method == "dare" else merges.dare_ties
             merged = dare(tasks, weights, parameters.effective_density, generator)
@@ -59,31 +66,52 @@ def inner_merge(
     return merge
 
 
-def task_space(factors: Sequence[LowRank], parameters: MergeParameters, space: Space):
-    """The module's factors in ``space`` (an object with ``tasks`` and ``back``)."""
+def task_space(inputs: Sequence[TaskInput], parameters: MergeParameters, space: Space):
+    """The module's task inputs in ``space`` (an object with ``tasks`` and ``back``).
+
+    Dense inputs (``modules_to_save``) have no factors, so such a module runs in full space."""
+    if any(isinstance(item, torch.Tensor) for item in inputs):
+        space = "full"
     if space == "knots":
-        return SPACES[space](factors, scale_tasks=parameters.knots_scale_tasks)
-    return SPACES[space](factors)
+        return SPACES[space](inputs, scale_tasks=parameters.knots_scale_tasks)
+    return SPACES[space](inputs)
 
 
-def read_module_factors(
-    loras: Sequence[LoraModule], parameters: MergeParameters, device: torch.device | str = "cpu"
-) -> list[LowRank]:
-    """Read the factors of one module from each adapter (lazily, now), in compute dtype."""
+def read_inputs(
+    contributions: Sequence[Sequence[Contribution]],
+    parameters: MergeParameters,
+    device: torch.device | str = "cpu",
+    base: torch.Tensor | None = None,
+) -> list[TaskInput]:
+    """Read one module's parts from each adapter (lazily, now), in compute dtype: the
+    LoRA factors, or — where an adapter also saved the weight whole — its dense delta."""
     dtype = COMPUTE_DTYPES[parameters.precision]
-    return [read_factors(lora, dtype=dtype, device=device) for lora in loras]
+    inputs = []
+    for parts in contributions:
+        if len(parts) == 1 and isinstance(parts[0], LoraModule):
+            inputs.append(read_factors(parts[0], dtype=dtype, device=device))
+            continue
+        delta = torch.zeros(parts[0].delta_shape, dtype=dtype, device=device)
+        for part in parts:
+            if isinstance(part, LoraModule):
+                left, right = read_factors(part, dtype=dtype, device=device)
+                delta.addmm_(left, right)
+            else:
+                delta += read_dense(part, dtype=dtype, device=device) - base.to(device, dtype)
+        inputs.append(delta)
+    return inputs
 
 
 def merge_factors(
-    factors: Sequence[LowRank],
+    inputs: Sequence[TaskInput],
     weights: Sequence[float],
     parameters: MergeParameters,
     space: Space = "core",
     seed: int = 0,
     thresholds: Sequence[float] | None = None,
 ) -> MergedDelta:
-    """Merge the LoRA factors of one module in ``space`` with the inner method of ``parameters``."""
-    chosen = task_space(factors, parameters, space)
+    """Merge one module's task inputs in ``space`` with the inner method of ``parameters``."""
+    chosen = task_space(inputs, parameters, space)
     return chosen.back(inner_merge(parameters, weights, seed, thresholds)(chosen.tasks))
 
 
@@ -104,8 +132,8 @@ def global_ties_thresholds(
 
     sketch = merges.MagnitudeSketch(adapters)
     for module in tqdm(modules, desc="TIES global magnitudes", disable=not progress):
-        factors = read_module_factors([lora for _, lora in module], parameters, device)
-        for (adapter, _), task in zip(module, task_space(factors, parameters, space).tasks):
+        inputs = read_inputs([(lora,) for _, lora in module], parameters, device)
+        for (adapter, _), task in zip(module, task_space(inputs, parameters, space).tasks):
             sketch.add(adapter, task)
     density = parameters.effective_density
     return tuple(sketch.threshold(adapter, density) for adapter in range(adapters))

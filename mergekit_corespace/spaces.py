@@ -154,10 +154,11 @@ class KnotsSpace:
 
 
 class FullSpace:
-    """The dense deltas: T m×n matrices."""
+    """The dense deltas: T m×n matrices (factors are multiplied out; dense deltas, e.g.
+    of ``modules_to_save`` weights, are taken as they are)."""
 
-    def __init__(self, factors: Sequence[LowRank]):
-        self.tasks = [b @ a for b, a in factors]
+    def __init__(self, inputs: Sequence[LowRank | torch.Tensor]):
+        self.tasks = [item if isinstance(item, torch.Tensor) else item[0] @ item[1] for item in inputs]
 
     def back(self, merged: torch.Tensor) -> MergedDelta:
         return MergedDelta(dense=merged)

@@ -39,13 +39,20 @@ ARCHITECTURES = {
     "phi3": ("Phi3ForCausalLM", dict(_DECODER, pad_token_id=0, bos_token_id=0, eos_token_id=1), ["qkv_proj", "o_proj", "gate_up_proj"]),
     "gemma2": ("Gemma2ForCausalLM", dict(_DECODER, head_dim=16), ["q_proj", "v_proj", "up_proj"]),
     "qwen3": ("Qwen3ForCausalLM", dict(_DECODER, head_dim=16), ["q_proj", "k_proj", "down_proj"]),
+    # Conv1D layers, stored input-major: PEFT needs fan_in_fan_out (c_proj is square)
+    "gpt2": (
+        "GPT2LMHeadModel",
+        dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+             eos_token_id=1),
+        ["c_attn", "c_proj", "c_fc"],
+    ),
 }
 
 
 def _auto_class(architecture: str):
     import transformers
 
-    if architecture.endswith("ForCausalLM"):
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
         return transformers.AutoModelForCausalLM
     if architecture.endswith("ForMaskedLM"):
         return transformers.AutoModelForMaskedLM
@@ -92,9 +99,11 @@ def save_lora_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
+    model_type = AutoConfig.from_pretrained(base_path).model_type
     if target_modules is None:
-        model_type = AutoConfig.from_pretrained(base_path).model_type
         target_modules = ARCHITECTURES[model_type][2]
+    if model_type == "gpt2":
+        lora_options.setdefault("fan_in_fan_out", True)
     torch.manual_seed(seed)
     model = get_peft_model(
         load_model(base_path),
