@@ -695,6 +695,12 @@ def _check_parameters(config) -> None:
                     allowed[name].validate_python(value)
                 except ValidationError as error:
                     raise CoreSpaceError(f"{where}.{name}: {_first_error(error)}") from None
+    top = {k: v for k, v in (config.parameters or {}).items() if k in shared}
+    if all(isinstance(v, (str, int, float, bool)) for v in top.values()):
+        try:  # combinations, e.g. a parameter the chosen method does not read
+            MergeParameters.model_validate(top)
+        except ValidationError as error:
+            raise CoreSpaceError(f"parameters: {_first_error(error)}") from None
 
 
 def _parameter_blocks(config) -> Iterator[tuple[str, Mapping | None, bool]]:
@@ -726,7 +732,10 @@ def _leaf_values(setting) -> Iterator[Any]:
 def _first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
-    return f"{where + ': ' if where else ''}{first['msg']} (got {first.get('input')!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":  # a whole-model check: the input is the whole dict
+        return message
+    return f"{where + ': ' if where else ''}{message} (got {first.get('input')!r})"
 
 
 # ---------------------------------------------------------------------------------------

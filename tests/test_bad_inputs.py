@@ -207,7 +207,7 @@ def case_negative_weight_with_ties(root, base, adapters, tmp):
 
 
 def case_density_for_a_method_that_ignores_it(root, base, adapters, tmp):
-    return adapters, {"parameters": "{merge: tsv, density: 0.5}"}, r"density is only read by merge: ties / dare / dare_ties"
+    return adapters, {"parameters": "{merge: tsv, density: 0.5}"}, r"^parameters: density is only read by merge: ties / dare / dare_ties$"
 
 
 def case_output_is_a_folder_that_is_not_a_model(root, base, adapters, tmp):
