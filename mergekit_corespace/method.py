@@ -75,12 +75,13 @@ from mergekit_corespace.options import (
     Space,
 )
 from mergekit_corespace.spaces import MergedDelta, truncate
+from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.pipeline import (
-    COMPUTE_DTYPES,
     global_ties_thresholds,
     merge_factors,
     module_seed,
     read_inputs,
+    update_dtype,
 )
 
 LOG = logging.getLogger(__name__)
@@ -322,10 +323,10 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
                         f"a {part.delta_shape} delta but base weight {self.weight_name} is "
                         f"{tuple(base.shape)}"
                     )
-        compute_dtype = COMPUTE_DTYPES[self.parameters.precision]
-        base_compute = base.to(compute_dtype)
-        delta = self.merged_delta(base.device, thresholds, base=base_compute)
-        return delta.add_to(base_compute).to(base.dtype)
+        delta = self.merged_delta(base.device, thresholds, base=base)
+        merged = delta.add_to(base.to(update_dtype(base.dtype), copy=True))
+        release_file_pages(base)  # read once; its mapped pages need not stay resident
+        return merged.to(base.dtype)
 
     def merged_delta(
         self, device, thresholds: tuple | None = None, base: torch.Tensor | None = None
@@ -529,8 +530,12 @@ class _BaseModel:
                 raise CoreSpaceError(f"base_model: {path} is not a model directory (no config.json)")
         try:
             base_config = base_model.config(trust_remote_code=options.trust_remote_code)
+            if not getattr(base_config, "architectures", None):
+                raise CoreSpaceError(f"base_model: {path}/config.json lists no `architectures`")
             arch_info = arch_info_for_config(base_config)
             index = base_model.tensor_index(cache_dir=options.transformers_cache)
+        except CoreSpaceError:
+            raise
         except Exception as error:
             raise CoreSpaceError(f"base_model: {path}: {error}") from None
         if arch_info is None:
@@ -805,8 +810,9 @@ def merge_to_adapter(
     for task in tqdm(tasks, desc="Merging adapters", disable=options.quiet):
         stored = run.stored_names.get(task.weight_name, task.weight_name)
         if task.dense:  # some adapter saved this weight whole: so does the merged one
-            base = task.base.execute().to(device, COMPUTE_DTYPES[task.parameters.precision])
-            saved[stored] = task.merged_delta(device, thresholds, base=base).add_to(base)
+            base = task.base.execute().to(device)
+            delta = task.merged_delta(device, thresholds, base=base)
+            saved[stored] = delta.add_to(base.to(update_dtype(base.dtype), copy=True))
             continue
         module = stored.removesuffix(".weight")
         modules[module] = truncate(task.merged_delta(device, thresholds), rank=rank, energy=energy)

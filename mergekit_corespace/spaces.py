@@ -41,10 +41,11 @@ class MergedDelta:
         return self.dense if self.dense is not None else self.left @ self.right
 
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight + ΔW`` in ``weight``'s dtype, without a separate m×n delta when factored."""
+        """``weight + ΔW``, in place and in ``weight``'s dtype; no separate m×n delta when
+        factored."""
         if self.dense is not None:
-            return weight + self.dense.to(weight.dtype)
-        return torch.addmm(weight, self.left.to(weight.dtype), self.right.to(weight.dtype))
+            return weight.add_(self.dense.to(weight.dtype))
+        return weight.addmm_(self.left.to(weight.dtype), self.right.to(weight.dtype))
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Thin SVD of ΔW. Factored: QR of both factors and an SVD of the k×k product of
@@ -111,9 +112,9 @@ def left_basis(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def right_basis(matrix: torch.Tensor) -> torch.Tensor:
-    """Orthonormal rows spanning the row space of ``matrix`` (k×n)."""
-    _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return vh[: relative_rank_cut(s, matrix.shape)]
+    """Orthonormal rows spanning the row space of ``matrix`` (k×n): the left singular
+    vectors of its transpose (LAPACK is ~1.5× faster on the tall orientation)."""
+    return left_basis(matrix.T).T
 
 
 class CoreSpace:

@@ -54,7 +54,7 @@ def test_core_space_never_decomposes_an_m_by_n_matrix(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "svd", recording_svd)
     merge_factors(factors, [1.0, 1.0], MergeParameters(merge="ta"), "core")
-    assert shapes == [(300, 12), (12, 200)]
+    assert shapes == [(300, 12), (200, 12)]  # [B₁ B₂] and [A₁; A₂]ᵀ: never 300×200
 
 
 def test_cores_are_r_by_r_and_reconstruct_each_task():

@@ -1,0 +1,123 @@
+"""Build a Llama-architecture model with random weights (HF format, several safetensors
+shards) and T random LoRA adapters in PEFT format, at a chosen scale.
+
+    python bench/perf/build.py OUT_DIR [--preset 1b|small] [--layers N] [--adapters 6]
+                                       [--rank 16] [--mixed-ranks]
+
+Weights are generated layer by layer straight into safetensors shards, so building a
+1 B model needs about one shard of memory. The adapters are PEFT adapters as PEFT writes
+them (``LoraConfig.save_pretrained`` + ``base_model.model.<module>.lora_A/B.weight``),
+with random non-zero A and B on q, k, v, o, gate, up, down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+PRESETS = {
+    # Llama-3.2-1B-like, with a 32k vocabulary: 1.1 B parameters
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, vocab_size=1000),
+}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def layer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    return {
+        "self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i), "input_layernorm": (h,), "post_attention_layernorm": (h,),
+    }
+
+
+def build_model(path: str, config: dict, dtype=torch.bfloat16, shard_bytes: int = 1 << 30) -> int:
+    """Write the model shard by shard; returns the number of parameters."""
+    from transformers import LlamaConfig
+
+    os.makedirs(path, exist_ok=True)
+    LlamaConfig(**config, max_position_embeddings=4096, tie_word_embeddings=False,
+                architectures=["LlamaForCausalLM"],
+                torch_dtype=str(dtype).removeprefix("torch.")).save_pretrained(path)
+    generator = torch.Generator().manual_seed(0)
+    h, vocab = config["hidden_size"], config["vocab_size"]
+
+    def tensors():
+        yield "model.embed_tokens.weight", (vocab, h)
+        for layer in range(config["num_hidden_layers"]):
+            for name, shape in layer_shapes(config).items():
+                yield f"model.layers.{layer}.{name}.weight", shape
+        yield "model.norm.weight", (h,)
+        yield "lm_head.weight", (vocab, h)
+
+    shards, current, size, total = [], {}, 0, 0
+    for name, shape in tensors():
+        tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+        if len(shape) == 1:
+            tensor = torch.ones(shape, dtype=dtype)
+        if current and size + tensor.nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += tensor.nbytes
+        total += tensor.numel()
+    shards.append(current)
+    weight_map = {}
+    for index, shard in enumerate(shards, 1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, handle, indent=1)
+    return total
+
+
+def build_adapter(path: str, base: str, config: dict, rank: int, seed: int) -> None:
+    from peft import LoraConfig
+
+    generator = torch.Generator().manual_seed(1000 + seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name, shape in layer_shapes(config).items():
+            if name.rsplit(".", 1)[-1] not in TARGETS:
+                continue
+            out_features, in_features = shape
+            prefix = f"base_model.model.model.layers.{layer}.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
+               base_model_name_or_path=base, task_type="CAUSAL_LM").save_pretrained(path)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--layers", type=int, help="override the number of layers")
+    parser.add_argument("--adapters", type=int, default=6)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--mixed-ranks", action="store_true", help="ranks 8, 16, 32, ... in turn")
+    args = parser.parse_args()
+    config = dict(PRESETS[args.preset])
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    base = os.path.abspath(os.path.join(args.out, "base"))
+    params = build_model(base, config)
+    print(f"base: {params / 1e9:.2f} B parameters -> {base}")
+    for t in range(args.adapters):
+        rank = (8, 16, 32)[t % 3] if args.mixed_ranks else args.rank
+        build_adapter(os.path.join(args.out, f"adapter{t}"), base, config, rank, t)
+    print(f"{args.adapters} adapters -> {os.path.abspath(args.out)}/adapter*")
+
+
+if __name__ == "__main__":
+    main()
