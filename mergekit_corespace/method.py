@@ -81,7 +81,6 @@ from mergekit_corespace.pipeline import (
     merge_factors,
     module_seed,
     read_inputs,
-    update_dtype,
 )
 
 LOG = logging.getLogger(__name__)
@@ -324,9 +323,9 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
                         f"{tuple(base.shape)}"
                     )
         delta = self.merged_delta(base.device, thresholds, base=base)
-        merged = delta.add_to(base.to(update_dtype(base.dtype), copy=True))
+        merged = delta.applied_to(base)
         release_file_pages(base)  # read once; its mapped pages need not stay resident
-        return merged.to(base.dtype)
+        return merged
 
     def merged_delta(
         self, device, thresholds: tuple | None = None, base: torch.Tensor | None = None
@@ -812,7 +811,7 @@ def merge_to_adapter(
         if task.dense:  # some adapter saved this weight whole: so does the merged one
             base = task.base.execute().to(device)
             delta = task.merged_delta(device, thresholds, base=base)
-            saved[stored] = delta.add_to(base.to(update_dtype(base.dtype), copy=True))
+            saved[stored] = delta.applied_to(base)
             continue
         module = stored.removesuffix(".weight")
         modules[module] = truncate(task.merged_delta(device, thresholds), rank=rank, energy=energy)

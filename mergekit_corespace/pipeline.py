@@ -24,13 +24,6 @@ SVD_METHODS = ("tsv", "cart", "iso_c", "iso_cts")
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def update_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the final m×n update ``W + L @ R``: float64 for float64 weights, else
-    float32 — its rounding (~√R·2⁻²⁴ of ΔW) stays below the output's own for float32 and
-    16-bit weights, and it halves the cost of the one O(m·n·R) step. The SVDs and the
-    merge itself run in ``precision``."""
-    return torch.float64 if weight_dtype == torch.float64 else torch.float32
-
 
 def module_seed(random_seed: int | None, weight_name: str) -> int:
     """DARE's seed for one weight: a function of ``--random-seed`` (0 when unset) and the

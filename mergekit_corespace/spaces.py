@@ -40,12 +40,27 @@ class MergedDelta:
     def to_dense(self) -> torch.Tensor:
         return self.dense if self.dense is not None else self.left @ self.right
 
-    def add_to(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight + ΔW``, in place and in ``weight``'s dtype; no separate m×n delta when
-        factored."""
-        if self.dense is not None:
-            return weight.add_(self.dense.to(weight.dtype))
-        return weight.addmm_(self.left.to(weight.dtype), self.right.to(weight.dtype))
+    def applied_to(self, weight: torch.Tensor, block_elements: int = 1 << 20) -> torch.Tensor:
+        """``weight + ΔW`` as a new tensor of ``weight``'s dtype.
+
+        The update runs in float64 for float64 weights and in float32 otherwise — its
+        rounding (~√R·2⁻²⁴ of ΔW) stays below that of the output — one block of rows at a
+        time, so the working copy stays in cache and no m×n temporary is allocated."""
+        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if weight.dim() < 2:
+            return (weight.to(compute) + self.to_dense().to(compute)).to(weight.dtype)
+        out = torch.empty_like(weight)
+        rows = max(1, block_elements // max(1, weight.shape[1]))
+        if self.dense is None:
+            left, right = self.left.to(compute), self.right.to(compute)
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start : start + rows].to(compute, copy=True)  # never write the base
+            if self.dense is None:
+                block.addmm_(left[start : start + rows], right)
+            else:
+                block += self.dense[start : start + rows].to(compute)
+            out[start : start + rows] = block
+        return out
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Thin SVD of ΔW. Factored: QR of both factors and an SVD of the k×k product of

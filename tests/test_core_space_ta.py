@@ -84,3 +84,18 @@ def test_every_architecture_maps_adapter_keys_to_base_weights(tmp_path, model_ty
     changed = set(peft_deltas(base, first)) | set(peft_deltas(base, second))
     assert changed
     assert_merge_matches(out, base, expected, changed, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merges_never_write_into_the_loaded_base(tmp_path, dtype):
+    """mergekit keeps the base's memory-mapped loader across runs in one process: a merge
+    that wrote into those pages would change every later run."""
+    base = toy.save_tiny_model(str(tmp_path / "base"), "llama", dtype=dtype)
+    adapter = toy.save_lora_adapter(base, str(tmp_path / "a"), r=4, seed=1)
+    config = (f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
+              f"  - model: {base}+{adapter}\n    parameters: {{weight: WEIGHT}}\n")
+    first = run_in_process(config.replace("WEIGHT", "1.0"), tmp_path / "first")
+    run_in_process(config.replace("WEIGHT", "-3.0"), tmp_path / "other")
+    again = run_in_process(config.replace("WEIGHT", "1.0"), tmp_path / "again")
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
