@@ -4,7 +4,9 @@
 
 Runs `mergekit-yaml CONFIG` and `mergekit-yaml` with `merge_method: passthrough` on the
 config's base model alone (the I/O floor), alternately, in one run; prints both and their
-ratio. E.g. after `python examples/demo.py`: `python bench/rss_vs_passthrough.py demo-output/core_ta.yml`.
+ratio. E.g. after `python examples/demo.py`:
+
+    python bench/rss_vs_passthrough.py demo-output/core_ta.yml
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def main() -> None:
         for name, config in (("core_space", args.config), ("passthrough", passthrough)):
             out = os.path.join(work, f"{name}-{trial}")
             command = [os.path.join(BIN, "mergekit-yaml"), config, out, "--quiet", *args.extra]
-            measured = run_measured(command, stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
+            measured = run_measured(
+                command, stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w")
+            )
             if measured.returncode:
                 sys.exit(f"{' '.join(command)} failed ({measured.returncode})")
             runs[name].append(measured)

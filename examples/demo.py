@@ -39,9 +39,16 @@ def build_base(path: str) -> None:
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     ).save_pretrained(path)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=len(vocab),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -129,8 +136,10 @@ def main(workdir: str) -> None:
     for name, (_, _, task) in TASKS.items():
         input_ids, labels = task_batch(task, torch.Generator().manual_seed(1234))
         with torch.no_grad():
-            losses = [m(input_ids=input_ids, labels=labels).loss.item()
-                      for m in (base_model, merged_model)]
+            losses = [
+                m(input_ids=input_ids, labels=labels).loss.item()
+                for m in (base_model, merged_model)
+            ]
         print(f"      task {name:6s} loss: base {losses[0]:.2f}, merged {losses[1]:.2f}")
     print(f"done in {time.perf_counter() - started:.0f} s")
     if deviation > 1e-5:

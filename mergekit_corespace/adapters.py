@@ -107,7 +107,9 @@ class LoraAdapter:
         modules, dense = _index_tensors(weights_file, shapes, config)
         if not modules and not dense:
             raise AdapterError(f"{weights_file}: holds no LoRA tensors")
-        return cls(path=path, config=config, weights_file=weights_file, modules=modules, dense=dense)
+        return cls(
+            path=path, config=config, weights_file=weights_file, modules=modules, dense=dense
+        )
 
     @property
     def base_model_name(self) -> str | None:
@@ -184,11 +186,15 @@ def _index_tensors(
     modules = {}
     for prefixed, keys in sorted(pairs.items()):
         embedding = "lora_embedding_A" in keys or "lora_embedding_B" in keys
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        a_name, b_name = (
+            ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        )
         if set(keys) != {a_name, b_name}:
             missing = ({a_name, b_name} - set(keys)) or set(keys)
-            raise AdapterError(f"{weights_file}: {prefixed}: {', '.join(sorted(missing))} "
-                               "is missing or mixed with another kind of factor")
+            raise AdapterError(
+                f"{weights_file}: {prefixed}: {', '.join(sorted(missing))} "
+                "is missing or mixed with another kind of factor"
+            )
         a_key, b_key = keys[a_name], keys[b_name]
         if len(shapes[a_key]) != 2 or len(shapes[b_key]) != 2:
             raise AdapterError(f"{weights_file}: {a_key} / {b_key} are not matrices")
@@ -267,7 +273,9 @@ class _TensorFile:
             try:
                 self._handle = safe_open(self.path, framework="pt")
             except Exception as error:
-                raise AdapterError(f"{self.path}: not a readable safetensors file ({error})") from None
+                raise AdapterError(
+                    f"{self.path}: not a readable safetensors file ({error})"
+                ) from None
         else:
             try:
                 state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)

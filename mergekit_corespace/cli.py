@@ -42,11 +42,16 @@ def _lora_command():
     @click.argument("config_file")
     @click.argument("out_path")
     @click.option(
-        "--rank", type=_Rank(), default="exact", show_default=True,
+        "--rank",
+        type=_Rank(),
+        default="exact",
+        show_default=True,
         help="rank of the merged adapter: 'exact' keeps every non-null direction",
     )
     @click.option(
-        "--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
+        "--energy",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=None,
         help="keep the fewest directions holding this share of each module's ‖ΔW‖²",
     )
     @add_merge_options

@@ -1,4 +1,4 @@
-"""A merged LoRA as a standard PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""A merged LoRA as a standard PEFT adapter (``adapter_config.json`` and weights).
 
 Each merged module is ``ΔW = B @ A`` in the base weight's layout
 (:func:`mergekit_corespace.spaces.truncate`). PEFT applies ``scaling · B @ A`` with

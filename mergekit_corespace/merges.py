@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_corespace.spaces import relative_rank_cut
+from mergekit_corespace.linalg import nonnull_svd, polar, truncated
 
 # ---------------------------------------------------------------------------------------
 # Shared steps
@@ -73,25 +73,6 @@ def random_drop(task: torch.Tensor, density: float, generator: torch.Generator) 
         return task
     keep = torch.rand(task.shape, generator=generator, dtype=torch.float64) < density
     return task * keep.to(task.device) / density
-
-
-def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The nearest matrix with orthonormal columns (or rows): ``U Vᵀ`` of its SVD."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u @ vh
-
-
-def truncated(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """Best rank-``rank`` approximation (Eckart–Young)."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
-
-
-def nonnull_svd(matrix: torch.Tensor):
-    """Thin SVD restricted to the non-null singular values (relative tolerance)."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    k = relative_rank_cut(s, matrix.shape)
-    return u[:, :k], s[:k], vh[:k]
 
 
 # ---------------------------------------------------------------------------------------

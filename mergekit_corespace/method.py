@@ -15,9 +15,14 @@ by :func:`check_internals` before anything is patched and pinned by
 - ``mergekit.plan.MergePlanner.plan_tensor`` — during an active run each weight is
   planned as the base weight (read once, by mergekit's ``LoadTensor``) plus, where
   adapters touch it, a :class:`CoreSpaceMergeTask` that reads only that module's LoRA
-  factors; the result is appended to ``MergePlanner._tensors``. Optional weights with
+  factors; the result is appended to ``MergePlanner._tensors`` (which
+  ``MergePlanner.plan_to_disk`` turns into save tasks). Optional weights with
   ``aliases`` are looked up with ``tuple`` aliases here, which also sidesteps
   mergekit 0.1.5's ``list + tuple`` TypeError on BERT-family models.
+- ``mergekit.plan.MergePlanner.__init__`` and ``MergePlanner._plan`` — the merged-adapter
+  output (:func:`merge_to_adapter`) plans like a model merge and takes the planned merge
+  tasks from ``MergePlanner._tensors``.
+- ``mergekit.io.tasks.LoadTensor`` — built by our planner for the base weights.
 
 Other merge methods never see any of this: every hook defers to mergekit unless a
 core-space run is active.
@@ -36,7 +41,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from mergekit.architecture import (
@@ -68,20 +73,20 @@ from mergekit_corespace.adapters import (
     match_modules,
 )
 from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.options import (
     PER_ADAPTER_DEFAULTS,
     POSITIVE_WEIGHTS,
     MergeParameters,
     Space,
 )
-from mergekit_corespace.spaces import MergedDelta, truncate
-from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.pipeline import (
     global_ties_thresholds,
     merge_factors,
     module_seed,
     read_inputs,
 )
+from mergekit_corespace.spaces import MergedDelta, truncate
 
 LOG = logging.getLogger(__name__)
 
@@ -123,7 +128,7 @@ class CoreSpaceMethod(GroupMergeMethod):
         shared = [
             ParameterSpec(
                 name=field_info.alias or name_,
-                value_type=Optional[field_info.annotation],
+                value_type=field_info.annotation | None,
                 scope=ParameterScope.SHARED,
                 default=None,
                 description=field_info.description,
@@ -152,8 +157,9 @@ class CoreSpaceMethod(GroupMergeMethod):
 METHODS = tuple(CoreSpaceMethod(name, space) for name, space in METHOD_SPACES.items())
 
 
-def register_methods(_merge_methods=None) -> None:
-    """Add our methods to mergekit's registry (idempotent)."""
+def register_methods(merge_methods_module=None) -> None:
+    """Add our methods to mergekit's registry (idempotent; the argument is the module the
+    import hook just executed, unused here)."""
     known = {method.spec.name for method in registry.registered_methods()}
     for method in METHODS:
         if method.spec.name not in known:
@@ -179,6 +185,8 @@ def check_internals(merge_module) -> None:
         run_merge: ["merge_config", "out_path", "options", "config_source"],
         LoaderCache.get: ["self", "model"],
         MergePlanner.plan_tensor: ["self", "weight", "weights_in", "models", "cfg_reader"],
+        MergePlanner.__init__: ["self", "config", "arch_info", "options", "out_model_config"],
+        MergePlanner._plan: ["self"],
     }
     for function, parameters in expected.items():
         function = inspect.unwrap(function)
@@ -238,7 +246,6 @@ def patch_merge_pipeline(merge_module=None) -> None:
 
 def install() -> None:
     """Explicit registration, for environments that skip ``.pth`` files."""
-    register_methods()
     patch_merge_pipeline()
 
 
@@ -339,7 +346,9 @@ class CoreSpaceMergeTask(Task[torch.Tensor]):
             self.parameters,
             self.space,
             seed=self.seed,
-            thresholds=None if thresholds is None else [thresholds[i] for i in self.adapter_indices],
+            thresholds=None
+            if thresholds is None
+            else [thresholds[i] for i in self.adapter_indices],
         )
 
 
@@ -526,7 +535,9 @@ class _BaseModel:
         path = base_model.model.path
         if os.path.isabs(path) or path.startswith(".") or os.path.exists(path):
             if not os.path.isfile(os.path.join(path, "config.json")):
-                raise CoreSpaceError(f"base_model: {path} is not a model directory (no config.json)")
+                raise CoreSpaceError(
+                    f"base_model: {path} is not a model directory (no config.json)"
+                )
         try:
             base_config = base_model.config(trust_remote_code=options.trust_remote_code)
             if not getattr(base_config, "architectures", None):
@@ -550,7 +561,9 @@ class _BaseModel:
                 )
         names = {
             weight.name: (weight.name, *(weight.aliases or ()))
-            for weight in ConfiguredModelArchitecture(info=arch_info, config=base_config).all_weights()
+            for weight in ConfiguredModelArchitecture(
+                info=arch_info, config=base_config
+            ).all_weights()
         }
         stored_names, shapes = {}, {}
         for canonical, known in names.items():
@@ -570,8 +583,9 @@ class _BaseModel:
     def check_shape(self, shape: tuple[int, ...], weight_name: str, what: str) -> None:
         expected = self.shapes.get(weight_name)
         if expected is not None and tuple(shape) != expected:
-            raise CoreSpaceError(f"{what} has shape {tuple(shape)} but base weight "
-                                 f"{weight_name} is {expected}")
+            raise CoreSpaceError(
+                f"{what} has shape {tuple(shape)} but base weight {weight_name} is {expected}"
+            )
 
     def oriented(self, lora: LoraModule, weight_name: str, adapter_config) -> LoraModule:
         """``lora`` with ``transposed`` set for Conv1D weights (stored input-major), checked
@@ -581,10 +595,14 @@ class _BaseModel:
             normal, flipped = lora.delta_shape, lora.delta_shape[::-1]
             square = normal == flipped
             conv1d = (
-                getattr(adapter_config, "fan_in_fan_out", False)
-                and self.stored_names.get(weight_name, weight_name).removesuffix(".weight")
-                in self.conv1d_modules()
-            ) if square else flipped == expected
+                (
+                    getattr(adapter_config, "fan_in_fan_out", False)
+                    and self.stored_names.get(weight_name, weight_name).removesuffix(".weight")
+                    in self.conv1d_modules()
+                )
+                if square
+                else flipped == expected
+            )
             if conv1d:
                 lora = lora.model_copy(update={"transposed": True})
         if expected is not None and lora.delta_shape != expected:
@@ -637,7 +655,9 @@ def _check_models(config) -> ModelReference:
     base_model = config.base_model
     method = config.merge_method
     if base_model is None:
-        raise CoreSpaceError(f"{method}: `base_model` is required (the model the LoRAs were trained on)")
+        raise CoreSpaceError(
+            f"{method}: `base_model` is required (the model the LoRAs were trained on)"
+        )
     if base_model.lora is not None:
         raise CoreSpaceError(f"base_model: {base_model} must be a plain model, not base+adapter")
     if config.tokenizer is not None or config.tokenizer_source is not None:
@@ -693,7 +713,9 @@ def _check_parameters(config) -> None:
                     if name in shared
                     else f"known: {', '.join(sorted(allowed))}"
                 )
-                raise CoreSpaceError(f"{where}.{name}: unknown parameter for {config.merge_method} ({hint})")
+                raise CoreSpaceError(
+                    f"{where}.{name}: unknown parameter for {config.merge_method} ({hint})"
+                )
             for value in _leaf_values(setting):
                 try:
                     allowed[name].validate_python(value)
@@ -816,9 +838,15 @@ def merge_to_adapter(
         module = stored.removesuffix(".weight")
         modules[module] = truncate(task.merged_delta(device, thresholds), rank=rank, energy=energy)
         first = task.contributions[0][0]
-        layouts[module] = "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
-        LOG.info("%s: rank %d, relative truncation error %.3e", module,
-                 modules[module].rank, modules[module].relative_error)
+        layouts[module] = (
+            "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
+        )
+        LOG.info(
+            "%s: rank %d, relative truncation error %.3e",
+            module,
+            modules[module].rank,
+            modules[module].relative_error,
+        )
     dtype = dtype_from_name(config.out_dtype or config.dtype) or torch.float32
     with staged_output(out_path) as staging:
         os.makedirs(staging)

@@ -24,7 +24,6 @@ SVD_METHODS = ("tsv", "cart", "iso_c", "iso_cts")
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-
 def module_seed(random_seed: int | None, weight_name: str) -> int:
     """DARE's seed for one weight: a function of ``--random-seed`` (0 when unset) and the
     weight's name only, so reruns, thread counts and devices give the same masks."""
@@ -38,31 +37,33 @@ def inner_merge(
     seed: int = 0,
     thresholds: Sequence[float] | None = None,
 ):
-    """The inner method of ``parameters`` as a function of the T task matrices, λ applied."""
-    method, weights = parameters.merge, list(weights)
+    """The inner method of ``parameters`` as a function of the T task matrices, λ applied.
+
+    ``seed`` seeds DARE's masks; ``thresholds`` (per task) replace TIES' per-module top-k
+    under ``ties_scope: global``."""
+    p, weights = parameters, list(weights)
+
+    def generator() -> torch.Generator:  # a fresh one per merge: masks never carry over
+        return torch.Generator().manual_seed(seed)
+
+    methods = {
+        "ta": lambda tasks: merges.task_arithmetic(tasks, weights),
+        "mean": lambda tasks: merges.weighted_mean(tasks, weights),
+        "ties": lambda tasks: merges.ties(tasks, weights, p.effective_density, thresholds),
+        "dare": lambda tasks: merges.dare(tasks, weights, p.effective_density, generator()),
+        "dare_ties": lambda tasks: merges.dare_ties(
+            tasks, weights, p.effective_density, generator()
+        ),
+        "tsv": lambda tasks: merges.tsv(tasks, weights, p.tsv_budget),
+        "cart": lambda tasks: merges.cart(tasks, weights, p.cart_rank_ratio, p.cart_alpha),
+        "iso_c": lambda tasks: merges.iso_c(tasks, weights),
+        "iso_cts": lambda tasks: merges.iso_cts(tasks, weights, p.iso_common_fraction),
+    }
 
     def merge(tasks: Sequence[torch.Tensor]) -> torch.Tensor:
-        if tasks[0].dim() < 2 and method in SVD_METHODS:
-            merged = merges.weighted_mean(tasks, weights)
-        elif method in ("dare", "dare_ties"):
-            generator = torch.Generator().manual_seed(seed)
-            dare = merges.dare if method == "dare" else merges.dare_ties
-            merged = dare(tasks, weights, parameters.effective_density, generator)
-        elif method == "ties":
-            merged = merges.ties(tasks, weights, parameters.effective_density, thresholds)
-        elif method == "tsv":
-            merged = merges.tsv(tasks, weights, parameters.tsv_budget)
-        elif method == "cart":
-            merged = merges.cart(tasks, weights, parameters.cart_rank_ratio, parameters.cart_alpha)
-        elif method == "iso_cts":
-            merged = merges.iso_cts(tasks, weights, parameters.iso_common_fraction)
-        else:
-            merged = {
-                "ta": merges.task_arithmetic,
-                "mean": merges.weighted_mean,
-                "iso_c": merges.iso_c,
-            }[method](tasks, weights)
-        return parameters.lambda_ * merged
+        if tasks[0].dim() < 2 and p.merge in SVD_METHODS:
+            return p.lambda_ * merges.weighted_mean(tasks, weights)
+        return p.lambda_ * methods[p.merge](tasks)
 
     return merge
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_corespace.linalg import nonnull_svd, relative_rank_cut
+
 # ΔWₜ as Bₜ @ Aₜ: B is m×r, A is r×n, the scale already folded into B.
 LowRank = tuple[torch.Tensor, torch.Tensor]
 
@@ -92,7 +94,9 @@ class LowRankDelta:
         return self.b.shape[1]
 
 
-def truncate(delta: MergedDelta, rank: int | None = None, energy: float | None = None) -> LowRankDelta:
+def truncate(
+    delta: MergedDelta, rank: int | None = None, energy: float | None = None
+) -> LowRankDelta:
     """Best rank-k factors of ΔW (Eckart–Young), singular values split evenly between B and A.
 
     ``rank=None, energy=None`` keeps every non-null direction (exact up to rounding);
@@ -112,18 +116,9 @@ def truncate(delta: MergedDelta, rank: int | None = None, energy: float | None =
     return LowRankDelta(b=u[:, :k] * root, a=root[:, None] * vh[:k], relative_error=error)
 
 
-def relative_rank_cut(singular_values: torch.Tensor, shape: Sequence[int]) -> int:
-    """How many singular values are not null, relative to the largest (numpy's rank rule)."""
-    if singular_values.numel() == 0 or singular_values[0] == 0:
-        return 0
-    rtol = max(shape) * torch.finfo(singular_values.dtype).eps
-    return int((singular_values > rtol * singular_values[0]).sum())
-
-
 def left_basis(matrix: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning the column space of ``matrix`` (m×k)."""
-    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, : relative_rank_cut(s, matrix.shape)]
+    return nonnull_svd(matrix)[0]
 
 
 def right_basis(matrix: torch.Tensor) -> torch.Tensor:
@@ -174,11 +169,12 @@ class FullSpace:
     of ``modules_to_save`` weights, are taken as they are)."""
 
     def __init__(self, inputs: Sequence[LowRank | torch.Tensor]):
-        self.tasks = [item if isinstance(item, torch.Tensor) else item[0] @ item[1] for item in inputs]
+        self.tasks = [
+            item if isinstance(item, torch.Tensor) else item[0] @ item[1] for item in inputs
+        ]
 
     def back(self, merged: torch.Tensor) -> MergedDelta:
         return MergedDelta(dense=merged)
 
 
 SPACES = {"core": CoreSpace, "knots": KnotsSpace, "full": FullSpace}
-

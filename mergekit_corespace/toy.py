@@ -31,19 +31,34 @@ _ENCODER = dict(
     max_position_embeddings=64,
 )
 ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", _DECODER, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "llama": (
+        "LlamaForCausalLM",
+        _DECODER,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
     "mistral": ("MistralForCausalLM", _DECODER, ["q_proj", "k_proj", "v_proj", "o_proj"]),
     "qwen2": ("Qwen2ForCausalLM", _DECODER, ["q_proj", "v_proj", "down_proj"]),
     "bert": ("BertModel", _ENCODER, ["query", "key", "value", "dense"]),
     "roberta": ("RobertaForMaskedLM", dict(_ENCODER, pad_token_id=1), ["query", "value"]),
-    "phi3": ("Phi3ForCausalLM", dict(_DECODER, pad_token_id=0, bos_token_id=0, eos_token_id=1), ["qkv_proj", "o_proj", "gate_up_proj"]),
+    "phi3": (
+        "Phi3ForCausalLM",
+        dict(_DECODER, pad_token_id=0, bos_token_id=0, eos_token_id=1),
+        ["qkv_proj", "o_proj", "gate_up_proj"],
+    ),
     "gemma2": ("Gemma2ForCausalLM", dict(_DECODER, head_dim=16), ["q_proj", "v_proj", "up_proj"]),
     "qwen3": ("Qwen3ForCausalLM", dict(_DECODER, head_dim=16), ["q_proj", "k_proj", "down_proj"]),
     # Conv1D layers, stored input-major: PEFT needs fan_in_fan_out (c_proj is square)
     "gpt2": (
         "GPT2LMHeadModel",
-        dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-             eos_token_id=1),
+        dict(
+            vocab_size=128,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
         ["c_attn", "c_proj", "c_fc"],
     ),
 }

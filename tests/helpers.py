@@ -51,15 +51,18 @@ def load_model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peft_deltas(base: str, adapter: str) -> dict[str, torch.Tensor]:
     return toy.peft_deltas(base, adapter)
 
 
 def expected_ta(base: str, adapters: list[tuple[str, float]], scale: float = 1.0):
     """``W + λ Σ_t w_t ΔW_t`` from PEFT's merge_and_unload, in float64."""
-    expected = {name: tensor.double() for name, tensor in load_model_tensors(base).items()
-                if tensor.is_floating_point()}
+    expected = {
+        name: tensor.double()
+        for name, tensor in load_model_tensors(base).items()
+        if tensor.is_floating_point()
+    }
     for adapter, weight in adapters:
         for name, delta in peft_deltas(base, adapter).items():
             expected[name] = expected[name] + scale * weight * delta
@@ -86,7 +89,7 @@ def assert_merge_matches(out, base, expected, changed, rtol):
             assert torch.equal(tensor, base_tensors[name]), f"{name} changed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peft_factors(base: str, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per base weight name, ``(s·B, A)`` as PEFT's own LoRA layers hold them (float64)."""
     from peft import PeftModel

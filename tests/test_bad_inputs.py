@@ -47,6 +47,9 @@ def _first(tensors, suffix):
     return next(k for k in sorted(tensors) if k.endswith(suffix))
 
 
+ADAPTER = r"bad/adapter_model\.safetensors: "  # the file every tensor problem names
+
+
 class Unpicklable:
     """Stands for arbitrary pickled objects, which weights_only loading must refuse."""
 
@@ -81,9 +84,15 @@ def case_corrupt_safetensors_header(root, base, adapters, tmp):
 
 
 def case_adapter_for_another_hidden_size(root, base, adapters, tmp):
-    other = toy.save_tiny_model(str(tmp / "other-base"), "llama", hidden_size=32, intermediate_size=48)
+    other = toy.save_tiny_model(
+        str(tmp / "other-base"), "llama", hidden_size=32, intermediate_size=48
+    )
     bad = toy.save_lora_adapter(other, str(tmp / "bad"), r=4, seed=3)
-    return [bad], {}, r"bad/adapter_model\.safetensors: .* gives a \(\d+, \d+\) delta .* but base weight .* is \(\d+, \d+\)"
+    return (
+        [bad],
+        {},
+        ADAPTER + r".* gives a \(\d+, \d+\) delta .* but base weight .* is \(\d+, \d+\)",
+    )
 
 
 def case_transposed_a_and_b(root, base, adapters, tmp):
@@ -92,26 +101,50 @@ def case_transposed_a_and_b(root, base, adapters, tmp):
     def swap(tensors):  # B stored under lora_A's key and A under lora_B's (o_proj is square)
         a, b = _first(tensors, "o_proj.lora_A.weight"), _first(tensors, "o_proj.lora_B.weight")
         tensors[a], tensors[b] = tensors[b], tensors[a]
+
     _edit_tensors(bad, swap)
-    return [str(bad)], {}, r"bad/adapter_model\.safetensors: .*o_proj\.lora_A\.weight is 64×8 .* lora_A and lora_B look swapped"
+    return (
+        [str(bad)],
+        {},
+        ADAPTER + r".*o_proj\.lora_A\.weight is 64×8 .* lora_A and lora_B look swapped",
+    )
 
 
 def case_rank_pattern_disagrees_with_tensors(root, base, adapters, tmp):
     bad = _copy(adapters[0], tmp)
     _edit_config(bad, rank_pattern={"v_proj": 4})
-    return [str(bad)], {}, r"bad/adapter_model\.safetensors: .*v_proj has rank 8 in its tensors but the config .* says 4"
+    return (
+        [str(bad)],
+        {},
+        ADAPTER + r".*v_proj has rank 8 in its tensors but the config .* says 4",
+    )
 
 
 def case_nan_in_one_lora_b(root, base, adapters, tmp):
     bad = _copy(adapters[0], tmp)
-    _edit_tensors(bad, lambda t: t[_first(t, "layers.1.mlp.down_proj.lora_B.weight")].__setitem__((0, 0), float("nan")))
-    return [adapters[1], str(bad)], {}, r"bad/adapter_model\.safetensors: .*down_proj\.lora_B\.weight holds NaN or Inf"
+    _edit_tensors(
+        bad,
+        lambda t: t[_first(t, "layers.1.mlp.down_proj.lora_B.weight")].__setitem__(
+            (0, 0), float("nan")
+        ),
+    )
+    return (
+        [adapters[1], str(bad)],
+        {},
+        r"bad/adapter_model\.safetensors: .*down_proj\.lora_B\.weight holds NaN or Inf",
+    )
 
 
 def case_inf_in_lora_a(root, base, adapters, tmp):
     bad = _copy(adapters[0], tmp)
-    _edit_tensors(bad, lambda t: t[_first(t, "q_proj.lora_A.weight")].__setitem__((1, 2), float("inf")))
-    return [str(bad)], {}, r"bad/adapter_model\.safetensors: .*q_proj\.lora_A\.weight holds NaN or Inf"
+    _edit_tensors(
+        bad, lambda t: t[_first(t, "q_proj.lora_A.weight")].__setitem__((1, 2), float("inf"))
+    )
+    return (
+        [str(bad)],
+        {},
+        r"bad/adapter_model\.safetensors: .*q_proj\.lora_A\.weight holds NaN or Inf",
+    )
 
 
 def case_dora(root, base, adapters, tmp):
@@ -127,8 +160,10 @@ def case_lora_bias(root, base, adapters, tmp):
 def case_unknown_peft_type(root, base, adapters, tmp):
     from peft import IA3Config, get_peft_model
 
-    model = get_peft_model(toy.load_model(base), IA3Config(target_modules=["k_proj", "down_proj"],
-                                                            feedforward_modules=["down_proj"]))
+    model = get_peft_model(
+        toy.load_model(base),
+        IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
     model.save_pretrained(tmp / "bad")
     return [str(tmp / "bad")], {}, r"bad/adapter_config\.json: peft_type 'IA3' is not supported"
 
@@ -153,15 +188,25 @@ def case_lora_a_without_lora_b(root, base, adapters, tmp):
 
 def case_not_peft_keys(root, base, adapters, tmp):
     bad = _copy(adapters[0], tmp)
-    _edit_tensors(bad, lambda t: t.update({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}))
-    return [str(bad)], {}, r"bad/adapter_model\.safetensors: tensor 'lora_unet_down_blocks_0\.lora_down\.weight' is not a PEFT LoRA factor"
+    _edit_tensors(
+        bad, lambda t: t.update({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)})
+    )
+    return (
+        [str(bad)],
+        {},
+        ADAPTER + r"tensor 'lora_unet_down_blocks_0\.lora_down\.weight' is not a PEFT LoRA factor",
+    )
 
 
 def case_pickle_only_adapter(root, base, adapters, tmp):
     bad = _copy(adapters[0], tmp)
     os.remove(bad / "adapter_model.safetensors")
     torch.save({"payload": Unpicklable()}, bad / "adapter_model.bin")
-    return [str(bad)], {}, r"bad/adapter_model\.bin: refused: it does not load with torch\.load\(weights_only=True\)"
+    return (
+        [str(bad)],
+        {},
+        r"bad/adapter_model\.bin: refused: it does not load with torch\.load\(weights_only=True\)",
+    )
 
 
 def case_module_the_base_does_not_have(root, base, adapters, tmp):
@@ -170,9 +215,26 @@ def case_module_the_base_does_not_have(root, base, adapters, tmp):
     def rename(tensors):
         for key in [k for k in tensors if ".layers.0.self_attn.q_proj." in k]:
             tensors[key.replace("q_proj", "zz_proj")] = tensors.pop(key)
+
     _edit_tensors(bad, rename)
-    _edit_config(bad, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "zz_proj"])
-    return [str(bad)], {}, r"bad/adapter_model\.safetensors: changes 'model\.layers\.0\.self_attn\.zz_proj', which base model"
+    _edit_config(
+        bad,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "zz_proj",
+        ],
+    )
+    return (
+        [str(bad)],
+        {},
+        ADAPTER + r"changes 'model\.layers\.0\.self_attn\.zz_proj', which base model",
+    )
 
 
 def case_base_model_missing_a_shard(root, base, adapters, tmp):
@@ -182,12 +244,20 @@ def case_base_model_missing_a_shard(root, base, adapters, tmp):
     victim = sorted(set(index["weight_map"].values()))[-1]
     os.remove(sharded / victim)
     models = [f"{sharded}+{a}" for a in adapters]
-    return models, {"base": str(sharded)}, rf"sharded/{victim}: missing; the base model's index lists it"
+    return (
+        models,
+        {"base": str(sharded)},
+        rf"sharded/{victim}: missing; the base model's index lists it",
+    )
 
 
 def case_base_model_directory_missing(root, base, adapters, tmp):
     missing = tmp / "no-base"
-    return [f"{missing}+{adapters[0]}"], {"base": str(missing)}, r"base_model: .*no-base is not a model directory"
+    return (
+        [f"{missing}+{adapters[0]}"],
+        {"base": str(missing)},
+        r"base_model: .*no-base is not a model directory",
+    )
 
 
 def case_unknown_inner_method(root, base, adapters, tmp):
@@ -195,19 +265,35 @@ def case_unknown_inner_method(root, base, adapters, tmp):
 
 
 def case_density_zero(root, base, adapters, tmp):
-    return adapters, {"parameters": "{merge: ties, density: 0}"}, r"parameters\.density: Input should be greater than 0"
+    return (
+        adapters,
+        {"parameters": "{merge: ties, density: 0}"},
+        r"parameters\.density: Input should be greater than 0",
+    )
 
 
 def case_density_above_one(root, base, adapters, tmp):
-    return adapters, {"parameters": "{merge: dare, density: 1.5}"}, r"parameters\.density: Input should be less than or equal to 1"
+    return (
+        adapters,
+        {"parameters": "{merge: dare, density: 1.5}"},
+        r"parameters\.density: Input should be less than or equal to 1",
+    )
 
 
 def case_negative_weight_with_ties(root, base, adapters, tmp):
-    return adapters, {"parameters": "{merge: ties}", "weights": (1.0, -0.5)}, r"models: .*a2 has weight -0\.5; merge: ties .* needs positive weights"
+    return (
+        adapters,
+        {"parameters": "{merge: ties}", "weights": (1.0, -0.5)},
+        r"models: .*a2 has weight -0\.5; merge: ties .* needs positive weights",
+    )
 
 
 def case_density_for_a_method_that_ignores_it(root, base, adapters, tmp):
-    return adapters, {"parameters": "{merge: tsv, density: 0.5}"}, r"^parameters: density is only read by merge: ties / dare / dare_ties$"
+    return (
+        adapters,
+        {"parameters": "{merge: tsv, density: 0.5}"},
+        r"^parameters: density is only read by merge: ties / dare / dare_ties$",
+    )
 
 
 def case_output_is_a_folder_that_is_not_a_model(root, base, adapters, tmp):
@@ -225,7 +311,10 @@ def _config(base, models, parameters="{merge: ta}", weights=None):
         f"  - model: {m if '+' in m else base + '+' + m}\n    parameters: {{weight: {w}}}\n"
         for m, w in zip(models, weights)
     )
-    return f"merge_method: core_space\nbase_model: {base}\nmodels:\n{entries}parameters: {parameters}\n"
+    return (
+        f"merge_method: core_space\nbase_model: {base}\n"
+        f"models:\n{entries}parameters: {parameters}\n"
+    )
 
 
 def _snapshot(folder):
@@ -236,8 +325,12 @@ def _snapshot(folder):
 def test_bad_input_is_one_clear_error_and_leaves_no_output(good, tmp_path, case):
     root, base, adapters = good
     models, extra, message = CASES[case](root, base, adapters, tmp_path)
-    config = _config(extra.get("base", base), models, extra.get("parameters", "{merge: ta}"),
-                     extra.get("weights"))
+    config = _config(
+        extra.get("base", base),
+        models,
+        extra.get("parameters", "{merge: ta}"),
+        extra.get("weights"),
+    )
     out = tmp_path / "out"
     existed = out.exists()
     before = _snapshot(out) if existed else None
@@ -292,8 +385,10 @@ def test_negative_weight_subtracts_an_adapter_in_task_arithmetic(good, tmp_path)
 
 def test_an_adapter_listed_twice_is_merged_once_with_its_weights_added(good, tmp_path):
     root, base, adapters = good
-    twice = run_in_process(_config(base, [adapters[0], adapters[1], adapters[0]],
-                                   "{merge: ties}", (0.5, 1.0, 0.25)), tmp_path / "twice")
+    twice = run_in_process(
+        _config(base, [adapters[0], adapters[1], adapters[0]], "{merge: ties}", (0.5, 1.0, 0.25)),
+        tmp_path / "twice",
+    )
     once = run_in_process(_config(base, adapters, "{merge: ties}", (0.75, 1.0)), tmp_path / "once")
     for name in once:
         assert torch.equal(twice[name], once[name]), name
@@ -314,7 +409,9 @@ def test_weights_only_pickle_adapter_merges_like_its_safetensors_twin(good, tmp_
 
 def test_conv1d_gpt2_merge_equals_peft(tmp_path):
     base = toy.save_tiny_model(str(tmp_path / "base"), "gpt2", dtype=torch.float64)
-    adapters = [toy.save_lora_adapter(base, str(tmp_path / f"a{i}"), r=2 * i, seed=i) for i in (1, 2)]
+    adapters = [
+        toy.save_lora_adapter(base, str(tmp_path / f"a{i}"), r=2 * i, seed=i) for i in (1, 2)
+    ]
     out = run_in_process(_config(base, adapters, weights=(1.0, 0.5)), tmp_path / "out")
     expected = expected_ta(base, [(adapters[0], 1.0), (adapters[1], 0.5)])
     changed = set(peft_deltas(base, adapters[0])) | set(peft_deltas(base, adapters[1]))
@@ -327,8 +424,9 @@ def test_conv1d_gpt2_merge_equals_peft(tmp_path):
 def test_embedding_lora_merge_equals_peft(tmp_path):
     base = toy.save_tiny_model(str(tmp_path / "base"), "llama", dtype=torch.float64)
     adapters = [
-        toy.save_lora_adapter(base, str(tmp_path / f"a{i}"), r=4, seed=i,
-                              target_modules=["embed_tokens", "q_proj"])
+        toy.save_lora_adapter(
+            base, str(tmp_path / f"a{i}"), r=4, seed=i, target_modules=["embed_tokens", "q_proj"]
+        )
         for i in (1, 2)
     ]
     out = run_in_process(_config(base, adapters, weights=(1.0, 0.3)), tmp_path / "out")
@@ -345,10 +443,16 @@ def test_modules_to_save_merge_as_dense_deltas_against_the_base(tmp_path):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(i)
-        model = get_peft_model(toy.load_model(base), LoraConfig(
-            r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+        model = get_peft_model(
+            toy.load_model(base),
+            LoraConfig(
+                r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False
+            ),
+        )
         with torch.no_grad():  # a trained head: move it away from the base
-            model.base_model.model.lm_head.modules_to_save["default"].weight.add_(torch.randn(128, 64))
+            model.base_model.model.lm_head.modules_to_save["default"].weight.add_(
+                torch.randn(128, 64)
+            )
         model.save_pretrained(tmp_path / f"a{i}")
         adapters.append(str(tmp_path / f"a{i}"))
     out = run_in_process(_config(base, adapters, weights=(1.0, 0.5)), tmp_path / "out")
@@ -377,12 +481,25 @@ def test_conv1d_and_embedding_adapters_round_trip_through_a_merged_adapter(tmp_p
 
     for model_type, targets in (("gpt2", None), ("llama", ["embed_tokens", "v_proj"])):
         base = toy.save_tiny_model(str(tmp_path / model_type / "base"), model_type)
-        adapters = [toy.save_lora_adapter(base, str(tmp_path / model_type / f"a{i}"), r=4,
-                                          seed=i, target_modules=targets) for i in (1, 2)]
-        merged = merge_adapters(base, adapters, method="ties", as_adapter=False,
-                                out=str(tmp_path / model_type / "model"),
-                                options={"copy_tokenizer": False})
-        lora = merge_adapters(base, adapters, method="ties", out=str(tmp_path / model_type / "lora"))
-        applied = PeftModel.from_pretrained(toy.load_model(base), lora).merge_and_unload().state_dict()
+        adapters = [
+            toy.save_lora_adapter(
+                base, str(tmp_path / model_type / f"a{i}"), r=4, seed=i, target_modules=targets
+            )
+            for i in (1, 2)
+        ]
+        merged = merge_adapters(
+            base,
+            adapters,
+            method="ties",
+            as_adapter=False,
+            out=str(tmp_path / model_type / "model"),
+            options={"copy_tokenizer": False},
+        )
+        lora = merge_adapters(
+            base, adapters, method="ties", out=str(tmp_path / model_type / "lora")
+        )
+        applied = (
+            PeftModel.from_pretrained(toy.load_model(base), lora).merge_and_unload().state_dict()
+        )
         for name, tensor in load_model_tensors(merged).items():
             assert torch.allclose(applied[name], tensor, atol=1e-5), (model_type, name)

@@ -21,8 +21,10 @@ def _yaml(base, adapters, weights, merge="ta", extra=""):
         f"  - model: {base}+{adapters[name]}\n    parameters: {{weight: {weight}}}"
         for name, weight in weights
     )
-    return f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}\n" \
-           f"parameters:\n  merge: {merge}\n{extra}"
+    return (
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}\n"
+        f"parameters:\n  merge: {merge}\n{extra}"
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -64,7 +66,9 @@ def test_mean_averages_the_adapters_present_in_each_module(llama64, tmp_path):
     expected = expected_ta(base, [])
     for name in set(qv) | set(r4):
         present = [(d[name], w) for d, w in ((qv, 1.0), (r4, 3.0)) if name in d]
-        expected[name] = expected[name] + sum(w * d for d, w in present) / sum(w for _, w in present)
+        expected[name] = expected[name] + sum(w * d for d, w in present) / sum(
+            w for _, w in present
+        )
     assert_merge_matches(out, base, expected, set(qv) | set(r4), rtol=1e-10)
 
 
@@ -92,8 +96,10 @@ def test_merges_never_write_into_the_loaded_base(tmp_path, dtype):
     that wrote into those pages would change every later run."""
     base = toy.save_tiny_model(str(tmp_path / "base"), "llama", dtype=dtype)
     adapter = toy.save_lora_adapter(base, str(tmp_path / "a"), r=4, seed=1)
-    config = (f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
-              f"  - model: {base}+{adapter}\n    parameters: {{weight: WEIGHT}}\n")
+    config = (
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
+        f"  - model: {base}+{adapter}\n    parameters: {{weight: WEIGHT}}\n"
+    )
     first = run_in_process(config.replace("WEIGHT", "1.0"), tmp_path / "first")
     run_in_process(config.replace("WEIGHT", "-3.0"), tmp_path / "other")
     again = run_in_process(config.replace("WEIGHT", "1.0"), tmp_path / "again")

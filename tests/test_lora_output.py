@@ -19,18 +19,23 @@ def model(tmp_path_factory):
     base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float32)
     adapters = [
         toy.save_lora_adapter(base, str(root / "a"), r=4, seed=1),
-        toy.save_lora_adapter(base, str(root / "b"), r=8, seed=2,
-                              target_modules=["q_proj", "v_proj", "down_proj"]),
+        toy.save_lora_adapter(
+            base, str(root / "b"), r=8, seed=2, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
         toy.save_lora_adapter(base, str(root / "c"), r=6, lora_alpha=3, use_rslora=True, seed=3),
     ]
     return root, base, adapters
 
 
 def _yaml(base, adapters, merge_method, parameters):
-    models = "".join(f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}\n"
-                     for a, w in zip(adapters, (1.0, 0.5, 0.8)))
-    return (f"merge_method: {merge_method}\nbase_model: {base}\nmodels:\n{models}"
-            f"parameters: {parameters}\n")
+    models = "".join(
+        f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}\n"
+        for a, w in zip(adapters, (1.0, 0.5, 0.8))
+    )
+    return (
+        f"merge_method: {merge_method}\nbase_model: {base}\nmodels:\n{models}"
+        f"parameters: {parameters}\n"
+    )
 
 
 def _apply_with_peft(base, adapter):
@@ -42,8 +47,12 @@ def _apply_with_peft(base, adapter):
 
 @pytest.mark.parametrize(
     "merge_method, parameters",
-    [("core_space", "{merge: ta}"), ("core_space", "{merge: ties, density: 0.5}"),
-     ("core_space", "{merge: tsv}"), ("knots", "{merge: dare_ties, density: 0.5}")],
+    [
+        ("core_space", "{merge: ta}"),
+        ("core_space", "{merge: ties, density: 0.5}"),
+        ("core_space", "{merge: tsv}"),
+        ("knots", "{merge: dare_ties, density: 0.5}"),
+    ],
 )
 def test_exact_adapter_reproduces_the_merged_model(model, tmp_path, merge_method, parameters):
     root, base, adapters = model
@@ -51,8 +60,10 @@ def test_exact_adapter_reproduces_the_merged_model(model, tmp_path, merge_method
     config = tmp_path / "merge.yml"
     config.write_text(text)
     merged_model = run_in_process(text, tmp_path / "model")
-    done = run_cli([str(config), str(tmp_path / "lora"), "--random-seed", "0"],
-                   script="mergekit-corespace-lora")
+    done = run_cli(
+        [str(config), str(tmp_path / "lora"), "--random-seed", "0"],
+        script="mergekit-corespace-lora",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "merged adapter:" in done.stderr and "worst" in done.stderr
 
@@ -65,8 +76,11 @@ def test_exact_adapter_reproduces_the_merged_model(model, tmp_path, merge_method
         for key in handle.keys():
             if key.endswith("q_proj.lora_A.weight"):
                 assert handle.get_slice(key).get_shape()[0] <= 4 + 8 + 6
-            if key.endswith("k_proj.lora_A.weight") and merge_method == "core_space" \
-                    and "ta" in parameters:
+            if (
+                key.endswith("k_proj.lora_A.weight")
+                and merge_method == "core_space"
+                and "ta" in parameters
+            ):
                 assert handle.get_slice(key).get_shape()[0] == 4 + 6  # b has no k_proj
 
 
@@ -74,11 +88,22 @@ def test_adapter_loads_in_peft_and_gives_the_merged_models_logits(model, tmp_pat
     from peft import PeftModel
 
     root, base, adapters = model
-    path = merge_adapters(base, list(zip(adapters, (1.0, 0.5, 0.8))), method="ties",
-                          out=str(tmp_path / "lora"), density=0.6)
-    model_path = merge_adapters(base, list(zip(adapters, (1.0, 0.5, 0.8))), method="ties",
-                                out=str(tmp_path / "model"), as_adapter=False, density=0.6,
-                                options={"copy_tokenizer": False})
+    path = merge_adapters(
+        base,
+        list(zip(adapters, (1.0, 0.5, 0.8))),
+        method="ties",
+        out=str(tmp_path / "lora"),
+        density=0.6,
+    )
+    model_path = merge_adapters(
+        base,
+        list(zip(adapters, (1.0, 0.5, 0.8))),
+        method="ties",
+        out=str(tmp_path / "model"),
+        as_adapter=False,
+        density=0.6,
+        options={"copy_tokenizer": False},
+    )
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     peft_model = PeftModel.from_pretrained(toy.load_model(base), path).eval()
     merged = toy.load_model(model_path).eval()
@@ -91,10 +116,14 @@ def test_mergekits_own_lora_syntax_reads_the_merged_adapter(model, tmp_path):
     path = merge_adapters(base, adapters[:2], method="ta", out=str(tmp_path / "lora"))
     ours = run_in_process(
         f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
-        f"  - model: {base}+{adapters[0]}\n  - model: {base}+{adapters[1]}\n", tmp_path / "model")
+        f"  - model: {base}+{adapters[0]}\n  - model: {base}+{adapters[1]}\n",
+        tmp_path / "model",
+    )
     stock = run_in_process(
-        f"merge_method: passthrough\nmodels:\n  - model: {base}+{path}\n", tmp_path / "stock",
-        lora_merge_cache=str(tmp_path / "cache"))
+        f"merge_method: passthrough\nmodels:\n  - model: {base}+{path}\n",
+        tmp_path / "stock",
+        lora_merge_cache=str(tmp_path / "cache"),
+    )
     for name in ours:
         assert torch.allclose(stock[name], ours[name], rtol=1e-5, atol=1e-6), name
 
@@ -117,9 +146,16 @@ def test_adapter_is_small_and_never_dense(model, tmp_path):
 def test_truncation_error_is_the_tail_of_the_singular_values(space):
     """Eckart–Young: the best rank-k error is the norm of the dropped singular values."""
     generator = torch.Generator().manual_seed(3)
-    factors = [(torch.randn(40, r, generator=generator, dtype=torch.float64),
-                torch.randn(r, 30, generator=generator, dtype=torch.float64)) for r in (3, 5, 4)]
-    delta = merge_factors(factors, [1.0, 0.7, 1.3], MergeParameters(merge="ties", density=0.6), space)
+    factors = [
+        (
+            torch.randn(40, r, generator=generator, dtype=torch.float64),
+            torch.randn(r, 30, generator=generator, dtype=torch.float64),
+        )
+        for r in (3, 5, 4)
+    ]
+    delta = merge_factors(
+        factors, [1.0, 0.7, 1.3], MergeParameters(merge="ties", density=0.6), space
+    )
     dense = delta.to_dense()
     values = torch.linalg.svdvals(dense)  # independent of the factored path
     for k in (1, 4, 9):
@@ -138,11 +174,14 @@ def test_truncated_adapter_through_the_cli_reports_its_error(model, tmp_path):
     root, base, adapters = model
     config = tmp_path / "merge.yml"
     config.write_text(_yaml(base, adapters, "core_space", "{merge: ta}"))
-    done = run_cli([str(config), str(tmp_path / "lora"), "--rank", "3"],
-                   script="mergekit-corespace-lora")
+    done = run_cli(
+        [str(config), str(tmp_path / "lora"), "--rank", "3"], script="mergekit-corespace-lora"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank 3;" in done.stderr
     with safe_open(tmp_path / "lora" / "adapter_model.safetensors", "pt") as handle:
         assert all(3 in handle.get_slice(k).get_shape() for k in handle.keys())
-    bad = run_cli([str(config), str(tmp_path / "x"), "--rank", "zero"], script="mergekit-corespace-lora")
+    bad = run_cli(
+        [str(config), str(tmp_path / "x"), "--rank", "zero"], script="mergekit-corespace-lora"
+    )
     assert bad.returncode == 2 and "neither 'exact' nor an integer" in bad.stderr

@@ -66,8 +66,9 @@ def test_upstream_bert_bug_is_still_there(tmp_path):
     workaround, and this test can go. (Core space on BERT is covered in test_core_space_ta.)"""
     first = toy.save_tiny_model(str(tmp_path / "a"), "bert", seed=1)
     second = toy.save_tiny_model(str(tmp_path / "b"), "bert", seed=2)
-    config = f"merge_method: linear\nmodels:\n  - model: {first}\n  - model: {second}\n" \
-             "parameters: {weight: 0.5}\n"
+    config = (
+        f"merge_method: linear\nmodels:\n  - model: {first}\n  - model: {second}\n"
+        "parameters: {weight: 0.5}\n"
+    )
     with pytest.raises(TypeError, match=r'can only concatenate list \(not "tuple"\) to list'):
         run_in_process(config, tmp_path / "out")
-

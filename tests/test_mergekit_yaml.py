@@ -1,4 +1,5 @@
-"""Plain `mergekit-yaml` in a subprocess: PEFT parity, nothing materialised, nothing big outside out/."""
+"""Plain `mergekit-yaml` in a subprocess: PEFT parity, nothing materialised, and nothing
+big written outside out/."""
 
 import os
 
@@ -15,10 +16,15 @@ def llama32(tmp_path_factory):
     base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float32)
     adapters = [
         toy.save_lora_adapter(base, str(root / "a"), r=4, lora_alpha=8, seed=1),
-        toy.save_lora_adapter(base, str(root / "b"), r=8, lora_alpha=8, seed=2,
-                              target_modules=["q_proj", "v_proj", "down_proj"]),
-        toy.save_lora_adapter(base, str(root / "c"), r=16, lora_alpha=16, use_rslora=True,
-                              seed=3),
+        toy.save_lora_adapter(
+            base,
+            str(root / "b"),
+            r=8,
+            lora_alpha=8,
+            seed=2,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+        ),
+        toy.save_lora_adapter(base, str(root / "c"), r=16, lora_alpha=16, use_rslora=True, seed=3),
     ]
     return base, adapters
 
@@ -35,11 +41,13 @@ def test_mergekit_yaml_subprocess_matches_peft(tmp_path, model_type, llama32):
         base, adapters = llama32
     else:
         base = toy.save_tiny_model(str(tmp_path / "base"), "bert")
-        adapters = [toy.save_lora_adapter(base, str(tmp_path / f"a{i}"), r=4 * i, seed=i)
-                    for i in (1, 2)]
+        adapters = [
+            toy.save_lora_adapter(base, str(tmp_path / f"a{i}"), r=4 * i, seed=i) for i in (1, 2)
+        ]
     weights = [1.0, 0.5, 0.75][: len(adapters)]
-    models = "\n".join(f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}"
-                       for a, w in zip(adapters, weights))
+    models = "\n".join(
+        f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}" for a, w in zip(adapters, weights)
+    )
     config = tmp_path / "merge.yml"
     config.write_text(f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}\n")
     work, cache, out = tmp_path / "work", tmp_path / "lora-cache", tmp_path / "work" / "out"

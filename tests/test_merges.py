@@ -91,7 +91,11 @@ def test_tsv_keeps_each_tasks_top_singular_values():
 
 
 def test_cart_on_diagonal_tasks():
-    tasks = [torch.diag(T(3.0, 0.0, 0.0)), torch.diag(T(0.0, 3.0, 0.0)), torch.diag(T(0.0, 0.0, 3.0))]
+    tasks = [
+        torch.diag(T(3.0, 0.0, 0.0)),
+        torch.diag(T(0.0, 3.0, 0.0)),
+        torch.diag(T(0.0, 0.0, 3.0)),
+    ]
     # mean = I; centred tasks diag(2,-1,-1), ...; their rank-1 parts diag(2,0,0), ...
     merged = merges.cart(tasks, [1.0, 1.0, 1.0], rank_ratio=0.1, alpha=0.5)
     assert torch.allclose(merged, torch.diag(T(2.0, 2.0, 2.0)), atol=1e-12)
@@ -115,8 +119,10 @@ def test_iso_c_flattens_the_spectrum_of_the_sum():
 
 
 def test_iso_c_keeps_a_low_rank_sum_low_rank():
-    factors = [(torch.randn(30, 2, dtype=torch.float64), torch.randn(2, 20, dtype=torch.float64))
-               for _ in range(2)]
+    factors = [
+        (torch.randn(30, 2, dtype=torch.float64), torch.randn(2, 20, dtype=torch.float64))
+        for _ in range(2)
+    ]
     merged = merges.iso_c([b @ a for b, a in factors], [1.0, 1.0])
     values = singular_values(merged)
     assert torch.allclose(values[:4], values[0].expand(4)) and values[4] < 1e-10
@@ -136,8 +142,10 @@ def test_iso_cts_has_a_flat_spectrum_and_reduces_to_iso_c():
 
 def test_magnitude_sketch_threshold_is_within_one_bin_of_the_exact_quantile():
     generator = torch.Generator().manual_seed(0)
-    modules = [torch.randn(n, n, generator=generator, dtype=torch.float64) * 10.0 ** -e
-               for n, e in ((40, 3), (25, 1), (60, 5))]
+    modules = [
+        torch.randn(n, n, generator=generator, dtype=torch.float64) * 10.0**-e
+        for n, e in ((40, 3), (25, 1), (60, 5))
+    ]
     sketch = merges.MagnitudeSketch(tasks=1)
     for module in modules:
         sketch.add(0, module)
@@ -153,12 +161,16 @@ def test_magnitude_sketch_threshold_is_within_one_bin_of_the_exact_quantile():
 
 @pytest.mark.parametrize("method", ["ta", "mean", "iso_c"])
 def test_methods_without_parameters_are_linear_in_scale(method):
-    function = {"ta": merges.task_arithmetic, "mean": merges.weighted_mean, "iso_c": merges.iso_c}[method]
+    function = {"ta": merges.task_arithmetic, "mean": merges.weighted_mean, "iso_c": merges.iso_c}[
+        method
+    ]
     tasks = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
     assert torch.allclose(function([2 * t for t in tasks], [1, 1]), 2 * function(tasks, [1, 1]))
 
 
-@pytest.mark.parametrize("method", ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"])
+@pytest.mark.parametrize(
+    "method", ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
+)
 def test_every_method_maps_zero_tasks_to_zero(method):
     from mergekit_corespace.options import MergeParameters
     from mergekit_corespace.pipeline import inner_merge

@@ -8,7 +8,7 @@ from helpers import load_model_tensors, peft_factors, relative_error, run_cli
 
 from mergekit_corespace import toy
 from mergekit_corespace.options import MergeParameters
-from mergekit_corespace.pipeline import module_seed, merge_factors
+from mergekit_corespace.pipeline import merge_factors, module_seed
 
 METHODS = ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
 SPACES = {"core_space": "core", "knots": "knots", "full_space": "full"}
@@ -21,26 +21,39 @@ def model(tmp_path_factory):
     base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float32)
     adapters = [
         toy.save_lora_adapter(base, str(root / "a"), r=4, seed=1),
-        toy.save_lora_adapter(base, str(root / "b"), r=8, seed=2,
-                              target_modules=["q_proj", "v_proj", "up_proj"]),
+        toy.save_lora_adapter(
+            base, str(root / "b"), r=8, seed=2, target_modules=["q_proj", "v_proj", "up_proj"]
+        ),
         toy.save_lora_adapter(base, str(root / "c"), r=6, lora_alpha=3, seed=3),
     ]
     return root, base, adapters
 
 
 def _config(root, base, adapters, merge_method, parameters):
-    models = "".join(f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}\n"
-                     for a, w in zip(adapters, WEIGHTS))
+    models = "".join(
+        f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}\n"
+        for a, w in zip(adapters, WEIGHTS)
+    )
     lines = "".join(f"  {k}: {v}\n" for k, v in parameters.items())
     path = root / f"{merge_method}-{hashlib.md5(lines.encode()).hexdigest()[:8]}.yml"
-    path.write_text(f"merge_method: {merge_method}\nbase_model: {base}\nmodels:\n{models}"
-                    f"parameters:\n{lines}")
+    path.write_text(
+        f"merge_method: {merge_method}\nbase_model: {base}\nmodels:\n{models}parameters:\n{lines}"
+    )
     return path
 
 
 def _merge(config, out, *options):
-    done = run_cli([str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card",
-                    "--random-seed", "7", *options])
+    done = run_cli(
+        [
+            str(config),
+            str(out),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--random-seed",
+            "7",
+            *options,
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return load_model_tensors(out)
 
@@ -65,8 +78,11 @@ def test_method_through_mergekit_yaml_matches_the_math_on_peft_factors(
             continue
         present = [(f[name], w) for f, w in zip(per_adapter, WEIGHTS) if name in f]
         delta = merge_factors(
-            [factor for factor, _ in present], [w for _, w in present], parameters,
-            SPACES[merge_method], seed=module_seed(7, name),
+            [factor for factor, _ in present],
+            [w for _, w in present],
+            parameters,
+            SPACES[merge_method],
+            seed=module_seed(7, name),
         ).to_dense()
         assert torch.isfinite(tensor).all()
         assert relative_error(tensor.double() - base_tensors[name].double(), delta) < 1e-5, name
@@ -77,11 +93,20 @@ def test_global_ties_scope_trims_each_adapter_to_its_density_over_all_modules(mo
     from mergekit_corespace.spaces import CoreSpace
 
     root, base, adapters = model
-    module = _merge(_config(root, base, adapters, "core_space",
-                            {"merge": "ties", "density": 0.3}), tmp_path / "module")
-    glob = _merge(_config(root, base, adapters, "core_space",
-                          {"merge": "ties", "density": 0.3, "ties_scope": "global"}),
-                  tmp_path / "global")
+    module = _merge(
+        _config(root, base, adapters, "core_space", {"merge": "ties", "density": 0.3}),
+        tmp_path / "module",
+    )
+    glob = _merge(
+        _config(
+            root,
+            base,
+            adapters,
+            "core_space",
+            {"merge": "ties", "density": 0.3, "ties_scope": "global"},
+        ),
+        tmp_path / "global",
+    )
     assert any(not torch.equal(module[n], glob[n]) for n in module)
 
     # Oracle: first pass over PEFT factors, then the per-adapter thresholds in each module.
@@ -97,8 +122,10 @@ def test_global_ties_scope_trims_each_adapter_to_its_density_over_all_modules(mo
     for name in names:
         present = [i for i, f in enumerate(per_adapter) if name in f]
         delta = merge_factors(
-            [per_adapter[i][name] for i in present], [WEIGHTS[i] for i in present],
-            MergeParameters(merge="ties", density=0.3, ties_scope="global"), "core",
+            [per_adapter[i][name] for i in present],
+            [WEIGHTS[i] for i in present],
+            MergeParameters(merge="ties", density=0.3, ties_scope="global"),
+            "core",
             thresholds=[thresholds[i] for i in present],
         ).to_dense()
         actual = glob[name].double() - base_tensors[name].double()
@@ -106,7 +133,10 @@ def test_global_ties_scope_trims_each_adapter_to_its_density_over_all_modules(mo
 
 
 def _digest(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.glob("*.safetensors"))
+    }
 
 
 @pytest.mark.parametrize("merge_method", ["core_space", "knots"])
@@ -120,7 +150,15 @@ def test_same_yaml_and_seed_give_identical_bytes_across_runs_and_thread_counts(
     _merge(config, tmp_path / "again", "-j", "2")
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two") == _digest(tmp_path / "again")
 
-    other_seed = run_cli([str(config), str(tmp_path / "seed8"), "--no-copy-tokenizer",
-                          "--no-write-model-card", "--random-seed", "8"])
+    other_seed = run_cli(
+        [
+            str(config),
+            str(tmp_path / "seed8"),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--random-seed",
+            "8",
+        ]
+    )
     assert other_seed.returncode == 0
     assert _digest(tmp_path / "seed8") != _digest(tmp_path / "one")

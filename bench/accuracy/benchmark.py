@@ -21,11 +21,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tasks import Task
 from tqdm import tqdm
 
-from tasks import Task
-
-MAX_LENGTH = 128
+MAX_LENGTH = 64  # tokens; BBC articles are cut to their headline and first sentences
 TEMPERATURE = 20.0  # scale of the cosine logits
 LORA = dict(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0)
 TRAINING = dict(epochs=2, batch_size=32, learning_rate=2e-3)
@@ -53,8 +52,9 @@ class Encoder:
         return cls(AutoModel.from_pretrained(path).eval(), tokenizer)
 
     def tokens(self, texts):
-        return self.tokenizer(list(texts), padding=True, truncation=True,
-                              max_length=MAX_LENGTH, return_tensors="pt")
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        )
 
     def embed(self, batch) -> torch.Tensor:
         """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe)."""
@@ -66,8 +66,10 @@ class Encoder:
     @torch.no_grad()
     def embed_texts(self, texts, batch_size: int = 64) -> torch.Tensor:
         texts = list(texts)
-        chunks = [self.embed(self.tokens(texts[i : i + batch_size]))
-                  for i in range(0, len(texts), batch_size)]
+        chunks = [
+            self.embed(self.tokens(texts[i : i + batch_size]))
+            for i in range(0, len(texts), batch_size)
+        ]
         return torch.cat(chunks)
 
 
@@ -108,7 +110,9 @@ def train_adapter(task: Task, head: torch.Tensor, out: str, seed: int) -> float:
             batch = [task.train[i] for i in order[start : start + size]]
             embeddings = encoder.embed(encoder.tokens(text for text, _ in batch))
             logits = TEMPERATURE * embeddings @ head.T
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([lab for _, lab in batch]))
+            loss = torch.nn.functional.cross_entropy(
+                logits, torch.tensor([lab for _, lab in batch])
+            )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -122,8 +126,14 @@ def train_adapter(task: Task, head: torch.Tensor, out: str, seed: int) -> float:
 def cache_key(tasks, seed: int) -> str:
     """Adapters are reused only if data, protocol and seed are the same."""
     payload = json.dumps(
-        {"tasks": [(t.name, len(t.train), t.train[:3]) for t in tasks], "seed": seed,
-         "lora": LORA, "training": TRAINING, "max_length": MAX_LENGTH, "temperature": TEMPERATURE},
+        {
+            "tasks": [(t.name, len(t.train), t.train[:3]) for t in tasks],
+            "seed": seed,
+            "lora": LORA,
+            "training": TRAINING,
+            "max_length": MAX_LENGTH,
+            "temperature": TEMPERATURE,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -134,7 +144,10 @@ def merge_config(method: str, space: str, adapters: dict[str, str], parameters: 
     merge_method = {"core": "core_space", "knots": "knots", "full": "full_space"}[space]
     models = "".join(f"  - model: {base}+{path}\n" for path in adapters.values())
     values = ", ".join(f"{k}: {v}" for k, v in {"merge": method, **parameters}.items())
-    return f"merge_method: {merge_method}\nbase_model: {base}\nmodels:\n{models}parameters: {{{values}}}\n"
+    return (
+        f"merge_method: {merge_method}\nbase_model: {base}\n"
+        f"models:\n{models}parameters: {{{values}}}\n"
+    )
 
 
 def merge_in_process(config_text: str, out: str) -> float:
@@ -144,8 +157,11 @@ def merge_in_process(config_text: str, out: str) -> float:
     from mergekit.merge import MergeOptions, run_merge
 
     started = time.perf_counter()
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(config_text)), out,
-              MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False, random_seed=0))
+    run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(config_text)),
+        out,
+        MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False, random_seed=0),
+    )
     return time.perf_counter() - started
 
 
@@ -155,8 +171,16 @@ def merge_with_mergekit_yaml(config_text: str, out: str, work: str) -> float:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(config_text)
     shutil.rmtree(out, ignore_errors=True)
-    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), path, out,
-               "--quiet", "--no-write-model-card", "--no-copy-tokenizer", "--random-seed", "0"]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
+        path,
+        out,
+        "--quiet",
+        "--no-write-model-card",
+        "--no-copy-tokenizer",
+        "--random-seed",
+        "0",
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:

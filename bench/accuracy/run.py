@@ -2,12 +2,14 @@
 
     python bench/accuracy/run.py --quick    # README demo: core-space TA / TIES / TSV
     python bench/accuracy/run.py            # every method × space, λ/density sweep
+    python bench/accuracy/run.py --smoke    # CI: tiny splits, one step per adapter
 
 Trains (or reuses from the cache) one LoRA adapter per task on all-MiniLM-L6-v2, merges
 the six with `mergekit-yaml` for each (method, space), and scores each merged encoder on
 every task with fixed class-mean heads (benchmark.py). Hyper-parameters are picked on
 the validation split; the test split is only used for the reported numbers. Writes
-``results.md`` (and, for the full run, ``normalized_accuracy.png``) next to this file.
+``results.md`` and ``normalized_accuracy.png`` next to this file (``results-quick.md``
+with ``--quick``).
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
 import benchmark as bench  # noqa: E402
+import torch  # noqa: E402
 from tasks import load_tasks  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 METHODS = ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
 SPACES = ["core", "knots", "full"]
 LAMBDAS = [0.3, 0.5, 0.7, 1.0, 1.5, 2.0]
 DENSITIES = {"ties": [0.3, 0.7], "dare": [0.1, 0.5], "dare_ties": [0.1, 0.5]}
 QUICK = dict(methods=["ta", "ties", "tsv"], spaces=["core"], lambdas=[0.5, 1.0])
+SMOKE = dict(methods=["ta", "ties"], spaces=["core", "knots"], lambdas=[1.0])
 
 
 def candidates(method: str, lambdas):
@@ -50,13 +52,18 @@ class Scorer:
         self.tasks, self.heads, self.encoder = tasks, heads, encoder
         self.splits = {
             (task.name, split): self._batches(getattr(task, split))
-            for task in tasks for split in ("validation", "test")
+            for task in tasks
+            for split in ("validation", "test")
         }
 
     def _batches(self, examples, size: int = 64):
-        return [(self.encoder.tokens(t for t, _ in examples[i : i + size]),
-                 torch.tensor([label for _, label in examples[i : i + size]]))
-                for i in range(0, len(examples), size)]
+        return [
+            (
+                self.encoder.tokens(t for t, _ in examples[i : i + size]),
+                torch.tensor([label for _, label in examples[i : i + size]]),
+            )
+            for i in range(0, len(examples), size)
+        ]
 
     @torch.no_grad()
     def __call__(self, model, split: str, only: str | None = None) -> dict[str, float]:
@@ -83,44 +90,72 @@ def load_merged(path: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the README demo: core space only")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a CI smoke run: tiny splits, one training step, not cached",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
-                                                        "mergekit-corespace", "accuracy"))
-    parser.add_argument("--results", default=os.path.join(HERE, "results.md"))
+    parser.add_argument(
+        "--cache",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "mergekit-corespace", "accuracy"),
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="markdown output (default: results.md for the full run, "
+        "results-quick.md with --quick, a temporary file with --smoke)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     plan = QUICK if args.quick else dict(methods=METHODS, spaces=SPACES, lambdas=LAMBDAS)
+    sizes = {}
+    if args.smoke:
+        plan, sizes = SMOKE, dict(train_size=32, validation_size=16, test_size=16)
+        bench.TRAINING.update(epochs=1)
+        args.cache = tempfile.mkdtemp(prefix="accuracy-smoke-")
+    if args.results is None:
+        name = "results-quick.md" if args.quick else "results.md"
+        args.results = os.path.join(args.cache if args.smoke else HERE, name)
 
-    tasks = load_tasks(seed=args.seed)
+    tasks = load_tasks(seed=args.seed, **sizes)
     base = bench.Encoder.load(bench.model_dir())
-    heads = {task.name: bench.class_mean_head(base, task) for task in tqdm(tasks, desc="heads")}
+    cache = os.path.join(args.cache, bench.cache_key(tasks, args.seed))
+    heads_file = os.path.join(cache, "heads.pt")
+    if os.path.exists(heads_file):
+        heads = torch.load(heads_file, weights_only=True)
+    else:
+        heads = {task.name: bench.class_mean_head(base, task) for task in tqdm(tasks, desc="heads")}
+        os.makedirs(cache, exist_ok=True)
+        torch.save(heads, heads_file)
     scorer = Scorer(base, tasks, heads)
 
-    cache = os.path.join(args.cache, bench.cache_key(tasks, args.seed))
     adapters, trained = {}, 0.0
     for task in tasks:
         path = os.path.join(cache, task.name)
         if not os.path.exists(os.path.join(path, "adapter_model.safetensors")):
             trained += bench.train_adapter(task, heads[task.name], path, args.seed)
         adapters[task.name] = path
-    print(f"adapters: {cache} ({'trained in %.0f s' % trained if trained else 'cached'})")
+    print(f"adapters: {cache} ({f'trained in {trained:.0f} s' if trained else 'cached'})")
 
-    rows = {"zero-shot base": scorer(base.model, "test")}
+    rows = {"zero-shot base (class-mean heads)": scorer(base.model, "test")}
     individual = {}
     for task in tqdm(tasks, desc="individual adapters"):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(bench.Encoder.load(bench.model_dir()).model,
-                                          adapters[task.name]).merge_and_unload()
+        model = PeftModel.from_pretrained(
+            bench.Encoder.load(bench.model_dir()).model, adapters[task.name]
+        ).merge_and_unload()
         individual.update(scorer(model, "test", only=task.name))
     rows["individual adapters (own task)"] = individual
 
     timings = {}
     work = tempfile.mkdtemp(prefix="accuracy-merges-")
-    for method, space in tqdm(list(itertools.product(plan["methods"], plan["spaces"])),
-                              desc="merges"):
+    for method, space in tqdm(
+        list(itertools.product(plan["methods"], plan["spaces"])), desc="merges"
+    ):
         best, best_score = None, -1.0
         for parameters in candidates(method, plan["lambdas"]):
             out = os.path.join(work, "candidate")
@@ -140,8 +175,10 @@ def main() -> None:
     with open(args.results, "w", encoding="utf-8") as handle:
         handle.write(report)
     print(report)
-    if not args.quick:
-        plot(rows, individual, os.path.join(os.path.dirname(args.results), "normalized_accuracy.png"))
+    if not (args.quick or args.smoke):
+        plot(
+            rows, individual, os.path.join(os.path.dirname(args.results), "normalized_accuracy.png")
+        )
 
 
 def normalized(scores: dict[str, float], individual: dict[str, float]) -> float:
@@ -150,16 +187,19 @@ def normalized(scores: dict[str, float], individual: dict[str, float]) -> float:
 
 def render(tasks, rows, individual, timings, plan, args, seconds) -> str:
     names = [task.name for task in tasks]
+    mode = " --quick" if args.quick else " --smoke" if args.smoke else ""
     lines = [
         "# Accuracy: six text tasks, all-MiniLM-L6-v2, six LoRA adapters merged",
         "",
-        f"Command: `python bench/accuracy/run.py{' --quick' if args.quick else ''}` "
+        f"Command: `python bench/accuracy/run.py{mode}` "
         f"(seed {args.seed}); {seconds / 60:.1f} min on {torch.get_num_threads()} threads.",
         "Test accuracy with fixed class-mean heads; normalized = merged / own adapter, "
         "averaged over tasks. λ (and density) chosen on the validation split from "
         f"λ ∈ {plan['lambdas']}, density ∈ {DENSITIES}.",
         "",
-        "| encoder | " + " | ".join(names) + " | average | normalized | chosen | merge (in-process / mergekit-yaml) |",
+        "| encoder | "
+        + " | ".join(names)
+        + " | average | normalized | chosen | merge (in-process / mergekit-yaml) |",
         "|---|" + "---|" * (len(names) + 4),
     ]
     for label, scores in rows.items():
@@ -169,8 +209,10 @@ def render(tasks, rows, individual, timings, plan, args, seconds) -> str:
             chosen = ", ".join(f"{k} {v}" for k, v in best.items())
             timing = f"{merge_seconds:.2f} s / {wall:.1f} s"
         cells = " | ".join(f"{scores[n]:.3f}" for n in names)
-        lines.append(f"| {label} | {cells} | {statistics.mean(scores.values()):.3f} | "
-                     f"{normalized(scores, individual):.3f} | {chosen} | {timing} |")
+        lines.append(
+            f"| {label} | {cells} | {statistics.mean(scores.values()):.3f} | "
+            f"{normalized(scores, individual):.3f} | {chosen} | {timing} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -187,10 +229,18 @@ def plot(rows, individual, path: str) -> None:
     figure, axis = plt.subplots(figsize=(11, 4))
     for offset, space in enumerate(SPACES):
         values = [normalized(rows[f"{m} · {space}"], individual) for m in METHODS]
-        axis.bar([i + (offset - 1) * width for i in range(len(METHODS))], values, width,
-                 label={"core": "core space", "knots": "KnOTS", "full": "full space"}[space])
-    axis.axhline(normalized(rows["zero-shot base"], individual), color="grey", linestyle="--",
-                 label="zero-shot base")
+        axis.bar(
+            [i + (offset - 1) * width for i in range(len(METHODS))],
+            values,
+            width,
+            label={"core": "core space", "knots": "KnOTS", "full": "full space"}[space],
+        )
+    axis.axhline(
+        normalized(rows["zero-shot base (class-mean heads)"], individual),
+        color="grey",
+        linestyle="--",
+        label="zero-shot base",
+    )
     axis.set_xticks(range(len(METHODS)), METHODS)
     axis.set_ylabel("normalized accuracy")
     axis.set_ylim(0.5, 1.05)

@@ -21,10 +21,22 @@ from safetensors.torch import save_file
 
 PRESETS = {
     # Llama-3.2-1B-like, with a 32k vocabulary: 1.1 B parameters
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=4, vocab_size=1000),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1000,
+    ),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -33,9 +45,15 @@ def layer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     h, i = config["hidden_size"], config["intermediate_size"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     return {
-        "self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i), "input_layernorm": (h,), "post_attention_layernorm": (h,),
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
     }
 
 
@@ -44,9 +62,13 @@ def build_model(path: str, config: dict, dtype=torch.bfloat16, shard_bytes: int 
     from transformers import LlamaConfig
 
     os.makedirs(path, exist_ok=True)
-    LlamaConfig(**config, max_position_embeddings=4096, tie_word_embeddings=False,
-                architectures=["LlamaForCausalLM"],
-                torch_dtype=str(dtype).removeprefix("torch.")).save_pretrained(path)
+    LlamaConfig(
+        **config,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        torch_dtype=str(dtype).removeprefix("torch."),
+    ).save_pretrained(path)
     generator = torch.Generator().manual_seed(0)
     h, vocab = config["hidden_size"], config["vocab_size"]
 
@@ -91,10 +113,19 @@ def build_adapter(path: str, base: str, config: dict, rank: int, seed: int) -> N
                 continue
             out_features, in_features = shape
             prefix = f"base_model.model.model.layers.{layer}.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
-               base_model_name_or_path=base, task_type="CAUSAL_LM").save_pretrained(path)
+            tensors[f"{prefix}.lora_A.weight"] = (
+                torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            )
+            tensors[f"{prefix}.lora_B.weight"] = (
+                torch.randn(out_features, rank, generator=generator) * 0.01
+            )
+    LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(TARGETS),
+        base_model_name_or_path=base,
+        task_type="CAUSAL_LM",
+    ).save_pretrained(path)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 

@@ -1,7 +1,7 @@
 """End to end, in one run: core-space merge vs passthrough (the I/O floor) vs stock
 mergekit TIES on `base+adapter` references (which merges a model copy per adapter).
 
-    python bench/perf/e2e_bench.py [--preset 1b|small] [--work DIR] [--repeat 2]
+    python bench/perf/e2e_bench.py [--preset 1b|small | --small] [--work DIR] [--repeat 2]
                                    [--skip-stock] [--cuda]
 
 Builds (or reuses, in WORK) a Llama-architecture model at the preset's size and one at
@@ -50,15 +50,21 @@ def write_config(path: str, method: str, base: str, adapters: list[str]) -> str:
     if method == "passthrough":
         text = f"merge_method: passthrough\nmodels:\n  - model: {base}\n"
     else:
-        models = "".join(f"  - model: {base}+{a}\n    parameters: {{weight: 1.0, density: 0.7}}\n"
-                         for a in adapters)
+        models = "".join(
+            f"  - model: {base}+{a}\n    parameters: {{weight: 1.0, density: 0.7}}\n"
+            for a in adapters
+        )
         if method == "core_space":
             models = models.replace(", density: 0.7", "")
-            text = (f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}"
-                    "parameters: {merge: ties, density: 0.7, lambda: 0.5}\n")
+            text = (
+                f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}"
+                "parameters: {merge: ties, density: 0.7, lambda: 0.5}\n"
+            )
         else:  # stock mergekit ties on base+adapter references
-            text = (f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
-                    "parameters: {lambda: 0.5}\ndtype: bfloat16\n")
+            text = (
+                f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
+                "parameters: {lambda: 0.5}\ndtype: bfloat16\n"
+            )
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return path
@@ -69,8 +75,16 @@ def run(config: str, work: str, label: str, *options: str):
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     os.sync()
-    command = [os.path.join(BIN, "mergekit-yaml"), config, out, "--quiet", "--no-copy-tokenizer",
-               "--lora-merge-cache", cache, *options]
+    command = [
+        os.path.join(BIN, "mergekit-yaml"),
+        config,
+        out,
+        "--quiet",
+        "--no-copy-tokenizer",
+        "--lora-merge-cache",
+        cache,
+        *options,
+    ]
     with open(os.path.join(work, f"{label}.log"), "w") as log:
         measured = run_measured(command, stdout=log, stderr=log)
     if measured.returncode:
@@ -83,6 +97,13 @@ def run(config: str, work: str, label: str, *options: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="1b")
+    parser.add_argument(
+        "--small",
+        dest="preset",
+        action="store_const",
+        const="small",
+        help="the CI-sized model (same as --preset small)",
+    )
     parser.add_argument("--work", default=None, help="where models and outputs go")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-stock", action="store_true")
@@ -94,10 +115,12 @@ def main() -> None:
     base, adapters = build(work, args.preset, None)
     half_base, half_adapters = build(work, args.preset, layers // 2)
 
-    configs = {m: write_config(os.path.join(work, f"{m}.yml"), m, base, adapters)
-               for m in ("passthrough", "core_space", "ties")}
+    configs = {
+        m: write_config(os.path.join(work, f"{m}.yml"), m, base, adapters)
+        for m in ("passthrough", "core_space", "ties")
+    }
     rows = {}
-    for trial in range(args.repeat):  # alternate, so that drift hits both alike
+    for _ in range(args.repeat):  # alternate, so that drift hits both alike
         for method in ("passthrough", "core_space"):
             rows.setdefault(method, []).append(run(configs[method], work, method))
     if not args.skip_stock:
@@ -105,48 +128,74 @@ def main() -> None:
 
     def median(method):
         measured = [m for m, _, _ in rows[method]]
-        return (statistics.median(m.wall_s for m in measured),
-                statistics.median(m.peak_rss_bytes for m in measured),
-                statistics.median(w for _, w, _ in rows[method]))
+        return (
+            statistics.median(m.wall_s for m in measured),
+            statistics.median(m.peak_rss_bytes for m in measured),
+            statistics.median(w for _, w, _ in rows[method]),
+        )
 
     floor_wall, floor_rss, floor_written = median("passthrough")
     print(f"\n### End to end: {args.preset} model ({base}), {ADAPTERS} adapters of rank 16\n")
     print("| run | wall | × passthrough | peak RSS (tree) | × passthrough | bytes written |")
     print("|---|---|---|---|---|---|")
-    labels = {"passthrough": "passthrough of the base (I/O floor)",
-              "core_space": "core_space, ties",
-              "ties": "stock ties on base+adapter (--lora-merge-cache)"}
+    labels = {
+        "passthrough": "passthrough of the base (I/O floor)",
+        "core_space": "core_space, ties",
+        "ties": "stock ties on base+adapter (--lora-merge-cache)",
+    }
     for method in rows:
         wall, rss, written = median(method)
-        print(f"| {labels[method]} | {wall:.1f} s | {wall / floor_wall:.2f} | {mib(rss)} | "
-              f"{rss / floor_rss:.2f} | {mib(written)} |")
+        print(
+            f"| {labels[method]} | {wall:.1f} s | {wall / floor_wall:.2f} | {mib(rss)} | "
+            f"{rss / floor_rss:.2f} | {mib(written)} |"
+        )
     if "ties" in rows:
-        print(f"\ncore_space is {median('ties')[0] / median('core_space')[0]:.1f}× faster "
-              "than the stock base+adapter TIES path.")
+        print(
+            f"\ncore_space is {median('ties')[0] / median('core_space')[0]:.1f}× faster "
+            "than the stock base+adapter TIES path."
+        )
 
     print("\n### Small output shards (--out-shard-size 100M): peak RSS vs model size\n")
     print("| model | passthrough RSS | core_space RSS | ratio |")
     print("|---|---|---|---|")
-    for name, (b, a) in (("half depth", (half_base, half_adapters)), ("full depth", (base, adapters))):
-        small = {m: write_config(os.path.join(work, f"{m}-{name[:4]}.yml"), m, b, a)
-                 for m in ("passthrough", "core_space")}
-        rss = {m: run(small[m], work, f"{m}-shards", "--out-shard-size", "100M")[0].peak_rss_bytes
-               for m in small}
-        print(f"| {name} ({directory_bytes(b) / 2**30:.1f} GiB) | {mib(rss['passthrough'])} | "
-              f"{mib(rss['core_space'])} | {rss['core_space'] / rss['passthrough']:.2f} |")
+    for name, (b, a) in (
+        ("half depth", (half_base, half_adapters)),
+        ("full depth", (base, adapters)),
+    ):
+        small = {
+            m: write_config(os.path.join(work, f"{m}-{name[:4]}.yml"), m, b, a)
+            for m in ("passthrough", "core_space")
+        }
+        rss = {
+            m: run(small[m], work, f"{m}-shards", "--out-shard-size", "100M")[0].peak_rss_bytes
+            for m in small
+        }
+        print(
+            f"| {name} ({directory_bytes(b) / 2**30:.1f} GiB) | {mib(rss['passthrough'])} | "
+            f"{mib(rss['core_space'])} | {rss['core_space'] / rss['passthrough']:.2f} |"
+        )
 
     if args.cuda:
         from safetensors.torch import load_file
 
         measured, _, _ = run(configs["core_space"], work, "core_space-cuda", "--cuda")
-        print(f"\n--cuda: {measured.wall_s:.1f} s ({median('core_space')[0] / measured.wall_s:.1f}× "
-              f"the CPU run), {measured.wall_s / floor_wall:.2f}× passthrough")
+        print(
+            f"\n--cuda: {measured.wall_s:.1f} s ({median('core_space')[0] / measured.wall_s:.1f}× "
+            f"the CPU run), {measured.wall_s / floor_wall:.2f}× passthrough"
+        )
         # agreement, in float32 output, of the merged deltas (W' − W) on CPU and GPU
         fp32 = configs["core_space"].replace(".yml", "-fp32.yml")
         with open(configs["core_space"]) as src, open(fp32, "w") as dst:
             dst.write(src.read() + "dtype: float32\n")
-        outs = [run(fp32, work, f"fp32-{d}", *flags)[2] for d, flags in (("cpu", ()), ("gpu", ("--cuda",)))]
-        base_shards = {f: load_file(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")}
+        outs = [
+            run(fp32, work, f"fp32-{d}", *flags)[2]
+            for d, flags in (("cpu", ()), ("gpu", ("--cuda",)))
+        ]
+        base_shards = {
+            f: load_file(os.path.join(base, f))
+            for f in os.listdir(base)
+            if f.endswith(".safetensors")
+        }
         base_tensors = {k: v for shard in base_shards.values() for k, v in shard.items()}
         worst = 0.0
         for shard in sorted(f for f in os.listdir(outs[0]) if f.endswith(".safetensors")):
@@ -156,7 +205,9 @@ def main() -> None:
                 if delta.any():
                     diff = (x.double() - gpu[name].double()).norm() / delta.norm()
                     worst = max(worst, diff.item())
-        print(f"CPU vs GPU (float32 output): worst relative difference of a merged delta {worst:.1e}")
+        print(
+            f"CPU vs GPU (float32 output): worst relative difference of a merged delta {worst:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
                                       [--methods ta,ties,tsv] [--repeat 1]
 
 For each (method, space) a fresh child process builds the same random LoRA factors
-(float64, seed 0), merges them once and reports the merge's wall time and its peak
-memory above the inputs (growth of the child's RSS high-water mark). Prints one row per
-method with the times, memories and the KnOTS/core and full/core ratios.
+(float64, seed 0), warms up on a small module, merges once and reports the merge's wall
+time (basis, tasks, inner method and the dense m×n delta a model merge adds) and its
+peak memory above the inputs (growth of the child's RSS high-water mark). Prints one row
+per method with the times, memories and the KnOTS/core and full/core ratios.
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ def one(shape: tuple[int, int], adapters: int, rank: int, method: str, space: st
     generator = torch.Generator().manual_seed(0)
     m, n = shape
     factors = [
-        (torch.randn(m, rank, generator=generator, dtype=torch.float64).to(device) / rank,
-         torch.randn(rank, n, generator=generator, dtype=torch.float64).to(device) / n**0.5)
+        (
+            torch.randn(m, rank, generator=generator, dtype=torch.float64).to(device) / rank,
+            torch.randn(rank, n, generator=generator, dtype=torch.float64).to(device) / n**0.5,
+        )
         for _ in range(adapters)
     ]
-    torch.linalg.svd(torch.randn(8, 8, dtype=torch.float64, device=device))  # load LAPACK
+    # warm-up: the same method and space on a small module, so that library loading and
+    # first-call costs are not timed
+    small = [(b[:64], a[:, :48]) for b, a in factors]
+    merge_factors(small, [1.0] * adapters, MergeParameters(merge=method), space).to_dense()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
     delta = merge_factors(factors, [1.0] * adapters, MergeParameters(merge=method), space)
@@ -64,24 +70,43 @@ def main() -> None:
         return
 
     spaces = args.spaces.split(",")
-    print(f"module {shape[0]}x{shape[1]}, {args.adapters} adapters of rank {args.rank}, "
-          f"float64 on {args.device}; one fresh process per cell")
+    print(
+        f"module {shape[0]}x{shape[1]}, {args.adapters} adapters of rank {args.rank}, "
+        f"float64 on {args.device}; one fresh process per cell"
+    )
     header = "  ".join(f"{s:>18s}" for s in spaces)
     print(f"{'method':8s}  {header}  {'knots/core':>10s}  {'full/core':>10s}")
     for method in args.methods.split(","):
         cells = {}
         for space in spaces:
             done = subprocess.run(
-                [sys.executable, __file__, "--shape", args.shape, "--adapters", str(args.adapters),
-                 "--rank", str(args.rank), "--device", args.device, "--one", method, space],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--shape",
+                    args.shape,
+                    "--adapters",
+                    str(args.adapters),
+                    "--rank",
+                    str(args.rank),
+                    "--device",
+                    args.device,
+                    "--one",
+                    method,
+                    space,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             cells[space] = json.loads(done.stdout.strip().splitlines()[-1])
         row = "  ".join(
             f"{cells[s]['seconds']:8.3f}s {cells[s]['peak_bytes'] / 2**20:6.0f}MiB" for s in spaces
         )
         ratios = [
-            f"{cells[s]['seconds'] / cells['core']['seconds']:9.1f}x" if s in cells and "core" in cells else f"{'-':>10s}"
+            f"{cells[s]['seconds'] / cells['core']['seconds']:9.1f}x"
+            if s in cells and "core" in cells
+            else f"{'-':>10s}"
             for s in ("knots", "full")
         ]
         print(f"{method:8s}  {row}  {'  '.join(ratios)}", flush=True)
