@@ -31,3 +31,23 @@ def llama64(tmp_path_factory):
         name: toy.save_lora_adapter(base, str(root / name), **spec) for name, spec in specs.items()
     }
     return base, adapters
+
+
+@pytest.fixture(scope="session")
+def llama32(tmp_path_factory):
+    """A tiny float32 Llama and three PEFT adapters: mixed ranks, partial targets, rsLoRA."""
+    root = tmp_path_factory.mktemp("llama32")
+    base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float32)
+    adapters = [
+        toy.save_lora_adapter(base, str(root / "a"), r=4, lora_alpha=8, seed=1),
+        toy.save_lora_adapter(
+            base,
+            str(root / "b"),
+            r=8,
+            lora_alpha=8,
+            seed=2,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+        ),
+        toy.save_lora_adapter(base, str(root / "c"), r=6, lora_alpha=3, use_rslora=True, seed=3),
+    ]
+    return root, base, adapters

@@ -13,20 +13,6 @@ from mergekit_corespace.pipeline import merge_factors
 from mergekit_corespace.spaces import truncate
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-out")
-    base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float32)
-    adapters = [
-        toy.save_lora_adapter(base, str(root / "a"), r=4, seed=1),
-        toy.save_lora_adapter(
-            base, str(root / "b"), r=8, seed=2, target_modules=["q_proj", "v_proj", "down_proj"]
-        ),
-        toy.save_lora_adapter(base, str(root / "c"), r=6, lora_alpha=3, use_rslora=True, seed=3),
-    ]
-    return root, base, adapters
-
-
 def _yaml(base, adapters, merge_method, parameters):
     models = "".join(
         f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}\n"
@@ -54,8 +40,8 @@ def _apply_with_peft(base, adapter):
         ("knots", "{merge: dare_ties, density: 0.5}"),
     ],
 )
-def test_exact_adapter_reproduces_the_merged_model(model, tmp_path, merge_method, parameters):
-    root, base, adapters = model
+def test_exact_adapter_reproduces_the_merged_model(llama32, tmp_path, merge_method, parameters):
+    root, base, adapters = llama32
     text = _yaml(base, adapters, merge_method, parameters)
     config = tmp_path / "merge.yml"
     config.write_text(text)
@@ -84,10 +70,10 @@ def test_exact_adapter_reproduces_the_merged_model(model, tmp_path, merge_method
                 assert handle.get_slice(key).get_shape()[0] == 4 + 6  # b has no k_proj
 
 
-def test_adapter_loads_in_peft_and_gives_the_merged_models_logits(model, tmp_path):
+def test_adapter_loads_in_peft_and_gives_the_merged_models_logits(llama32, tmp_path):
     from peft import PeftModel
 
-    root, base, adapters = model
+    root, base, adapters = llama32
     path = merge_adapters(
         base,
         list(zip(adapters, (1.0, 0.5, 0.8))),
@@ -111,8 +97,8 @@ def test_adapter_loads_in_peft_and_gives_the_merged_models_logits(model, tmp_pat
         assert torch.allclose(peft_model(tokens).logits, merged(tokens).logits, atol=1e-5)
 
 
-def test_mergekits_own_lora_syntax_reads_the_merged_adapter(model, tmp_path):
-    root, base, adapters = model
+def test_mergekits_own_lora_syntax_reads_the_merged_adapter(llama32, tmp_path):
+    root, base, adapters = llama32
     path = merge_adapters(base, adapters[:2], method="ta", out=str(tmp_path / "lora"))
     ours = run_in_process(
         f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
@@ -128,8 +114,8 @@ def test_mergekits_own_lora_syntax_reads_the_merged_adapter(model, tmp_path):
         assert torch.allclose(stock[name], ours[name], rtol=1e-5, atol=1e-6), name
 
 
-def test_adapter_is_small_and_never_dense(model, tmp_path):
-    root, base, adapters = model
+def test_adapter_is_small_and_never_dense(llama32, tmp_path):
+    root, base, adapters = llama32
     path = merge_adapters(base, adapters, method="ties", out=str(tmp_path / "lora"))
     inputs = sum(os.path.getsize(os.path.join(a, "adapter_model.safetensors")) for a in adapters)
     assert os.path.getsize(os.path.join(path, "adapter_model.safetensors")) < 2 * inputs
@@ -170,8 +156,8 @@ def test_truncation_error_is_the_tail_of_the_singular_values(space):
     assert share >= 0.9 > share_one_less
 
 
-def test_truncated_adapter_through_the_cli_reports_its_error(model, tmp_path):
-    root, base, adapters = model
+def test_truncated_adapter_through_the_cli_reports_its_error(llama32, tmp_path):
+    root, base, adapters = llama32
     config = tmp_path / "merge.yml"
     config.write_text(_yaml(base, adapters, "core_space", "{merge: ta}"))
     done = run_cli(

@@ -10,25 +10,6 @@ from helpers import assert_merge_matches, expected_ta, load_model_tensors, peft_
 from mergekit_corespace import toy
 
 
-@pytest.fixture(scope="module")
-def llama32(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama32")
-    base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float32)
-    adapters = [
-        toy.save_lora_adapter(base, str(root / "a"), r=4, lora_alpha=8, seed=1),
-        toy.save_lora_adapter(
-            base,
-            str(root / "b"),
-            r=8,
-            lora_alpha=8,
-            seed=2,
-            target_modules=["q_proj", "v_proj", "down_proj"],
-        ),
-        toy.save_lora_adapter(base, str(root / "c"), r=16, lora_alpha=16, use_rslora=True, seed=3),
-    ]
-    return base, adapters
-
-
 def _files(root):
     for folder, _, files in os.walk(root):
         for name in files:
@@ -38,7 +19,7 @@ def _files(root):
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
 def test_mergekit_yaml_subprocess_matches_peft(tmp_path, model_type, llama32):
     if model_type == "llama":
-        base, adapters = llama32
+        _, base, adapters = llama32
     else:
         base = toy.save_tiny_model(str(tmp_path / "base"), "bert")
         adapters = [

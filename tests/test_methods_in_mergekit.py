@@ -6,27 +6,12 @@ import pytest
 import torch
 from helpers import load_model_tensors, peft_factors, relative_error, run_cli
 
-from mergekit_corespace import toy
 from mergekit_corespace.options import MergeParameters
 from mergekit_corespace.pipeline import merge_factors, module_seed
 
 METHODS = ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
 SPACES = {"core_space": "core", "knots": "knots", "full_space": "full"}
 WEIGHTS = [1.0, 0.6, 0.8]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("methods")
-    base = toy.save_tiny_model(str(root / "base"), "llama", dtype=torch.float32)
-    adapters = [
-        toy.save_lora_adapter(base, str(root / "a"), r=4, seed=1),
-        toy.save_lora_adapter(
-            base, str(root / "b"), r=8, seed=2, target_modules=["q_proj", "v_proj", "up_proj"]
-        ),
-        toy.save_lora_adapter(base, str(root / "c"), r=6, lora_alpha=3, seed=3),
-    ]
-    return root, base, adapters
 
 
 def _config(root, base, adapters, merge_method, parameters):
@@ -61,9 +46,9 @@ def _merge(config, out, *options):
 @pytest.mark.parametrize("merge_method", SPACES)
 @pytest.mark.parametrize("method", METHODS)
 def test_method_through_mergekit_yaml_matches_the_math_on_peft_factors(
-    model, tmp_path, merge_method, method
+    llama32, tmp_path, merge_method, method
 ):
-    root, base, adapters = model
+    root, base, adapters = llama32
     config = _config(root, base, adapters, merge_method, {"merge": method, "lambda": 0.9})
     merged = _merge(config, tmp_path / "out")
 
@@ -88,11 +73,11 @@ def test_method_through_mergekit_yaml_matches_the_math_on_peft_factors(
         assert relative_error(tensor.double() - base_tensors[name].double(), delta) < 1e-5, name
 
 
-def test_global_ties_scope_trims_each_adapter_to_its_density_over_all_modules(model, tmp_path):
+def test_global_ties_scope_trims_each_adapter_to_its_density_over_all_modules(llama32, tmp_path):
     from mergekit_corespace.merges import MagnitudeSketch
     from mergekit_corespace.spaces import CoreSpace
 
-    root, base, adapters = model
+    root, base, adapters = llama32
     module = _merge(
         _config(root, base, adapters, "core_space", {"merge": "ties", "density": 0.3}),
         tmp_path / "module",
@@ -141,9 +126,9 @@ def _digest(folder):
 
 @pytest.mark.parametrize("merge_method", ["core_space", "knots"])
 def test_same_yaml_and_seed_give_identical_bytes_across_runs_and_thread_counts(
-    model, tmp_path, merge_method
+    llama32, tmp_path, merge_method
 ):
-    root, base, adapters = model
+    root, base, adapters = llama32
     config = _config(root, base, adapters, merge_method, {"merge": "dare_ties", "density": 0.5})
     _merge(config, tmp_path / "one", "-j", "1")
     _merge(config, tmp_path / "two", "-j", "2")

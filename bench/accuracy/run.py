@@ -81,6 +81,23 @@ class Scorer:
         return scores
 
 
+def sweep_and_merge(method, space, adapters, scorer, plan, work):
+    """Pick λ (and density) on validation with in-process merges, then merge the choice
+    with a real `mergekit-yaml` and score it on test. Returns (test scores, timings)."""
+    best, best_score = None, -1.0
+    for parameters in candidates(method, plan["lambdas"]):
+        out = os.path.join(work, "candidate")
+        bench.merge_in_process(bench.merge_config(method, space, adapters, parameters), out)
+        score = statistics.mean(scorer(load_merged(out), "validation").values())
+        if score > best_score:
+            best, best_score = parameters, score
+    config = bench.merge_config(method, space, adapters, best)
+    out = os.path.join(work, f"{method}-{space}")
+    wall = bench.merge_with_mergekit_yaml(config, out, work)
+    merge_seconds = min(bench.merge_in_process(config, out + "-timing") for _ in range(2))
+    return scorer(load_merged(out), "test"), (best, merge_seconds, wall)
+
+
 def load_merged(path: str):
     from transformers import AutoModel
 
@@ -152,24 +169,13 @@ def main() -> None:
     rows["individual adapters (own task)"] = individual
 
     timings = {}
-    work = tempfile.mkdtemp(prefix="accuracy-merges-")
-    for method, space in tqdm(
-        list(itertools.product(plan["methods"], plan["spaces"])), desc="merges"
-    ):
-        best, best_score = None, -1.0
-        for parameters in candidates(method, plan["lambdas"]):
-            out = os.path.join(work, "candidate")
-            bench.merge_in_process(bench.merge_config(method, space, adapters, parameters), out)
-            score = statistics.mean(scorer(load_merged(out), "validation").values())
-            if score > best_score:
-                best, best_score = parameters, score
-        config = bench.merge_config(method, space, adapters, best)
-        out = os.path.join(work, f"{method}-{space}")
-        wall = bench.merge_with_mergekit_yaml(config, out, work)
-        merge_seconds = min(bench.merge_in_process(config, out + "-timing") for _ in range(2))
-        label = f"{method} · {space}"
-        rows[label] = scorer(load_merged(out), "test")
-        timings[label] = (best, merge_seconds, wall)
+    with tempfile.TemporaryDirectory(prefix="accuracy-merges-") as work:
+        for method, space in tqdm(
+            list(itertools.product(plan["methods"], plan["spaces"])), desc="merges"
+        ):
+            label = f"{method} · {space}"
+            merged = sweep_and_merge(method, space, adapters, scorer, plan, work)
+            rows[label], timings[label] = merged
 
     report = render(tasks, rows, individual, timings, plan, args, time.perf_counter() - started)
     with open(args.results, "w", encoding="utf-8") as handle:
