@@ -197,8 +197,9 @@ def render(tasks, rows, individual, timings, plan, args, seconds) -> str:
     lines = [
         "# Accuracy: six text tasks, all-MiniLM-L6-v2, six LoRA adapters merged",
         "",
-        f"Command: `python bench/accuracy/run.py{mode}` "
-        f"(seed {args.seed}); {seconds / 60:.1f} min on {torch.get_num_threads()} threads.",
+        f"Command: `python bench/accuracy/run.py{mode}` (seed {args.seed}), "
+        f"{time.strftime('%Y-%m-%d')}; {seconds / 60:.1f} min on {os.cpu_count()} CPUs "
+        f"({torch.get_num_threads()} torch threads).",
         "Test accuracy with fixed class-mean heads; normalized = merged / own adapter, "
         "averaged over tasks. λ (and density) chosen on the validation split from "
         f"λ ∈ {plan['lambdas']}, density ∈ {DENSITIES}.",
@@ -248,9 +249,10 @@ def plot(rows, individual, path: str) -> None:
         label="zero-shot base",
     )
     axis.set_xticks(range(len(METHODS)), METHODS)
-    axis.set_ylabel("normalized accuracy")
-    axis.set_ylim(0.5, 1.05)
-    axis.legend(ncols=4, loc="lower right")
+    axis.set_ylabel("normalized accuracy (merged / own adapter)")
+    values = [normalized(scores, individual) for scores in rows.values()]
+    axis.set_ylim(min(values) - 0.02, 1.005)
+    axis.legend(ncols=4, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"chart: {path}")
