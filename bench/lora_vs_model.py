@@ -37,8 +37,11 @@ def main() -> None:
             out = os.path.join(work, f"{script}-{trial}")
             os.sync()
             started = time.perf_counter()
-            subprocess.run([os.path.join(BIN, script), args.config, out, "--quiet"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [os.path.join(BIN, script), args.config, out, "--quiet"],
+                check=True,
+                capture_output=True,
+            )
             times[name].append(time.perf_counter() - started)
             sizes[name] = directory_bytes(out)
     print(f"| output | wall (median of {args.repeat}) | written |")

@@ -394,6 +394,21 @@ def test_an_adapter_listed_twice_is_merged_once_with_its_weights_added(good, tmp
         assert torch.equal(twice[name], once[name]), name
 
 
+def test_an_adapter_naming_another_base_model_is_a_warning_not_an_error(good, tmp_path, caplog):
+    root, base, adapters = good
+    renamed = _copy(adapters[0], tmp_path, "renamed")
+    _edit_config(renamed, base_model_name_or_path="someone/another-model")
+    with caplog.at_level("WARNING"):
+        merged = run_in_process(_config(base, [str(renamed)]), tmp_path / "out")
+    assert any(
+        "renamed: base_model_name_or_path is someone/another-model" in r.getMessage()
+        for r in caplog.records
+    )
+    original = run_in_process(_config(base, [adapters[0]]), tmp_path / "original")
+    for name in original:
+        assert torch.equal(merged[name], original[name]), name
+
+
 def test_weights_only_pickle_adapter_merges_like_its_safetensors_twin(good, tmp_path):
     from peft import PeftModel
 
