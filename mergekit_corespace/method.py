@@ -372,8 +372,8 @@ class CoreSpaceRun:
         base_in = weights_in[models.index(base_model)]
         names = (base_in.name, *(base_in.aliases or ()), *(base_in.tied_names or ()))
         index = LoaderCache().get(base_model).index
-        if base_in.optional and not any(name in index.tensor_paths for name in names):
-            return None
+        if not any(name in index.tensor_paths for name in names):
+            return None  # the output stores what the base stores (see _BaseModel.read)
         load = LoadTensor(
             model=base_model,
             tensor=base_in.name,
@@ -518,6 +518,28 @@ def prepare_run(config, options) -> CoreSpaceRun:
     return run
 
 
+def _warn_about_architecture_mismatch(path, base_config, weights, stored: set[str]) -> None:
+    """mergekit's architecture definitions can lag the checkpoints transformers writes.
+    A listed weight the base does not store is left out of the output (stock mergekit
+    would stop half-way); a stored tensor no definition lists is left out by mergekit."""
+    every_name = lambda w: (w.name, *(w.aliases or ()), *(w.tied_names or ()))
+    absent = [w.name for w in weights if not w.optional and stored.isdisjoint(every_name(w))]
+    unlisted = sorted(stored - {name for w in weights for name in every_name(w)})
+    architecture = base_config.architectures[0]
+    if absent:
+        LOG.warning(
+            "base_model %s: mergekit's %s definition lists %d weights the checkpoint does "
+            "not store (first: %s); the output leaves them out, as the base does",
+            path, architecture, len(absent), absent[0],
+        )  # fmt: skip
+    if unlisted:
+        LOG.warning(
+            "base_model %s: the checkpoint stores %d tensors mergekit's %s definition does "
+            "not list (first: %s); mergekit does not copy them to the output",
+            path, len(unlisted), architecture, unlisted[0],
+        )  # fmt: skip
+
+
 @dataclass
 class _BaseModel:
     """The base model's weight names (canonical -> all names incl. aliases), the name each
@@ -559,12 +581,11 @@ class _BaseModel:
                     f"{os.path.join(index.base_path, shard.filename)}: missing; the base "
                     f"model's index lists it ({len(shard.contained_keys)} tensors)"
                 )
-        names = {
-            weight.name: (weight.name, *(weight.aliases or ()))
-            for weight in ConfiguredModelArchitecture(
-                info=arch_info, config=base_config
-            ).all_weights()
-        }
+        weights = list(
+            ConfiguredModelArchitecture(info=arch_info, config=base_config).all_weights()
+        )
+        names = {weight.name: (weight.name, *(weight.aliases or ())) for weight in weights}
+        _warn_about_architecture_mismatch(path, base_config, weights, set(index.tensor_paths))
         stored_names, shapes = {}, {}
         for canonical, known in names.items():
             stored = next((name for name in known if name in index.tensor_paths), None)

@@ -61,6 +61,8 @@ ARCHITECTURES = {
         ),
         ["c_attn", "c_proj", "c_fc"],
     ),
+    # mergekit 0.1.5 lists attention buffers that transformers 5 no longer saves
+    "gpt_neox": ("GPTNeoXForCausalLM", _ENCODER, ["query_key_value", "dense_4h_to_h"]),
 }
 
 

@@ -90,6 +90,26 @@ def test_every_architecture_maps_adapter_keys_to_base_weights(tmp_path, model_ty
     assert_merge_matches(out, base, expected, changed, rtol=1e-10)
 
 
+def test_architecture_definition_and_checkpoint_disagreeing_is_a_warning(tmp_path, caplog):
+    """gpt_neox: mergekit lists attention buffers transformers 5 does not save; an extra
+    stored tensor no definition lists. The output stores what the base stores, less the
+    unlisted tensor (mergekit never copies those), and says so."""
+    from safetensors.torch import load_file, save_file
+
+    base = toy.save_tiny_model(str(tmp_path / "base"), "gpt_neox")
+    adapter = toy.save_lora_adapter(base, str(tmp_path / "a"), r=4, seed=1)
+    shard = tmp_path / "base" / "model.safetensors"
+    save_file({**load_file(shard), "extra.scale": torch.ones(3)}, shard, {"format": "pt"})
+    config = f"merge_method: core_space\nbase_model: {base}\nmodels:\n  - model: {base}+{adapter}\n"
+    with caplog.at_level("WARNING"):
+        out = run_in_process(config, tmp_path / "out")
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    # per layer: attention.bias, attention.masked_bias, attention.rotary_emb.inv_freq
+    assert "GPTNeoXForCausalLM definition lists 6 weights the checkpoint does not store" in messages
+    assert "stores 1 tensors mergekit's GPTNeoXForCausalLM definition does not list" in messages
+    assert set(out) == set(load_file(shard)) - {"extra.scale"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merges_never_write_into_the_loaded_base(tmp_path, dtype):
     """mergekit keeps the base's memory-mapped loader across runs in one process: a merge
