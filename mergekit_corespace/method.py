@@ -370,9 +370,8 @@ class CoreSpaceRun:
 
         base_model = cfg_reader.base_model
         base_in = weights_in[models.index(base_model)]
-        names = (base_in.name, *(base_in.aliases or ()), *(base_in.tied_names or ()))
         index = LoaderCache().get(base_model).index
-        if not any(name in index.tensor_paths for name in names):
+        if not any(name in index.tensor_paths for name in _every_name(base_in)):
             return None  # the output stores what the base stores (see _BaseModel.read)
         load = LoadTensor(
             model=base_model,
@@ -518,13 +517,17 @@ def prepare_run(config, options) -> CoreSpaceRun:
     return run
 
 
+def _every_name(weight) -> tuple[str, ...]:
+    """Every name a checkpoint may store ``weight`` under (mergekit's ``WeightInfo``)."""
+    return (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
+
+
 def _warn_about_architecture_mismatch(path, base_config, weights, stored: set[str]) -> None:
     """mergekit's architecture definitions can lag the checkpoints transformers writes.
     A listed weight the base does not store is left out of the output (stock mergekit
     would stop half-way); a stored tensor no definition lists is left out by mergekit."""
-    every_name = lambda w: (w.name, *(w.aliases or ()), *(w.tied_names or ()))
-    absent = [w.name for w in weights if not w.optional and stored.isdisjoint(every_name(w))]
-    unlisted = sorted(stored - {name for w in weights for name in every_name(w)})
+    absent = [w.name for w in weights if not w.optional and stored.isdisjoint(_every_name(w))]
+    unlisted = sorted(stored - {name for w in weights for name in _every_name(w)})
     architecture = base_config.architectures[0]
     if absent:
         LOG.warning(
