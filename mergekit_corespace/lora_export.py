@@ -103,6 +103,9 @@ def write_lora_adapter(
         lora_dropout=0.0,
         bias="none",
     )
+    # LoraConfig keeps target_modules as a set, which PEFT writes in hash order: a list
+    # written sorted keeps the file byte-identical across runs.
+    config.target_modules = sorted(config.target_modules)
     config.save_pretrained(path)
     save_file(
         adapter_tensors(modules, layouts, saved, dtype),

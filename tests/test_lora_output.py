@@ -171,3 +171,22 @@ def test_truncated_adapter_through_the_cli_reports_its_error(llama32, tmp_path):
         [str(config), str(tmp_path / "x"), "--rank", "zero"], script="mergekit-corespace-lora"
     )
     assert bad.returncode == 2 and "neither 'exact' nor an integer" in bad.stderr
+
+
+def test_merged_adapter_is_byte_identical_across_runs(llama32, tmp_path):
+    """Same YAML and seed: the same bytes, config included (PEFT keeps target_modules as a
+    set, whose order changes with the interpreter's hash seed)."""
+    root, base, adapters = llama32
+    config = tmp_path / "merge.yml"
+    config.write_text(_yaml(base, adapters, "core_space", "{merge: dare_ties, density: 0.5}"))
+    outputs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"lora-{hash_seed}"
+        done = run_cli(
+            [str(config), str(out), "--random-seed", "4"],
+            env={"PYTHONHASHSEED": hash_seed},
+            script="mergekit-corespace-lora",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]
