@@ -9,7 +9,7 @@ would triple the cost of this hook):
 
 - ``mergekit.merge_methods`` -> register ``core_space`` in the registry;
 - ``mergekit.merge``         -> route core-space runs through our planner
-  (see :mod:`mergekit_corespace.method`).
+  (see :mod:`mergekit_corespace.glue.internals`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import importlib
 import sys
 import warnings
 
-_GLUE = "mergekit_corespace.method"
+_GLUE_PACKAGE = "mergekit_corespace.glue"
+_GLUE = "mergekit_corespace.glue.internals"
 # module name -> name of the function in the glue module to call once it is imported
 _WATCHED = {
     "mergekit.merge_methods": "register_methods",
@@ -33,7 +34,7 @@ def _is_initializing(module_name: str) -> bool:
 
 
 def _run_glue(module_name: str) -> None:
-    if _is_initializing(_GLUE):
+    if any(_is_initializing(name) for name in list(sys.modules) if name.startswith(_GLUE_PACKAGE)):
         return  # the glue is importing mergekit itself; it attaches when it finishes
     try:
         glue = importlib.import_module(_GLUE)

@@ -56,7 +56,8 @@ def merge_adapters(
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_corespace.method import install, merge_to_adapter
+    from mergekit_corespace.glue.adapter_output import merge_to_adapter
+    from mergekit_corespace.glue.internals import install
 
     install()
     if space not in SPACE_METHODS:

@@ -12,7 +12,7 @@ import click
 
 
 def main() -> None:
-    from mergekit_corespace.method import install
+    from mergekit_corespace.glue.internals import install
 
     install()  # before run_yaml binds mergekit.merge.run_merge
     from mergekit.scripts.run_yaml import main as run_yaml
@@ -59,7 +59,8 @@ def _lora_command():
         import yaml
         from mergekit.config import MergeConfiguration
 
-        from mergekit_corespace.method import install, merge_to_adapter
+        from mergekit_corespace.glue.adapter_output import merge_to_adapter
+        from mergekit_corespace.glue.internals import install
 
         install()
         merge_options.apply_global_options()

@@ -22,14 +22,7 @@ _DECODER = dict(
     num_key_value_heads=2,
     max_position_embeddings=64,
 )
-_ENCODER = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-)
+_ENCODER = {key: value for key, value in _DECODER.items() if key != "num_key_value_heads"}
 ARCHITECTURES = {
     "llama": (
         "LlamaForCausalLM",

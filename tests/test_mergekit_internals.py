@@ -1,4 +1,4 @@
-"""Fails when mergekit changes the internals the glue relies on (see method.INTERNALS)."""
+"""Fails when mergekit changes the internals the glue relies on (see glue/internals.py)."""
 
 import hashlib
 import importlib
@@ -9,7 +9,8 @@ import pytest
 from helpers import run_in_process
 from packaging.specifiers import SpecifierSet
 
-from mergekit_corespace import method, toy
+from mergekit_corespace import toy
+from mergekit_corespace.glue import internals
 
 # sha256 (first 16 hex digits) of the source of each internal, as checked for mergekit 0.1.5.
 # A mismatch means mergekit changed underneath: re-read the function, re-check the glue,
@@ -17,6 +18,8 @@ from mergekit_corespace import method, toy
 FINGERPRINTS = {
     "mergekit.merge.run_merge": "4456933bae68952d",
     "mergekit.io.tasks.LoaderCache.get": "814bddf2f136ee78",
+    "mergekit.io.tasks.LoaderCache.setup": "57a372a7c77a37b2",
+    "mergekit.parameter_resolver.resolve_parameters": "25ee301e6ecb2ac9",
     "mergekit.plan.MergePlanner.plan_tensor": "14342e40ba15bc9e",
     "mergekit.plan.MergePlanner.plan_to_disk": "8c10e5aa9f389ea4",
     "mergekit.io.tasks.LoadTensor": "8c9216a72d98173e",
@@ -39,25 +42,25 @@ def _resolve(dotted: str):
 
 
 def test_installed_mergekit_is_in_the_supported_range():
-    assert version("mergekit") in SpecifierSet(method.SUPPORTED_MERGEKIT)
+    assert version("mergekit") in SpecifierSet(internals.SUPPORTED_MERGEKIT)
 
 
-@pytest.mark.parametrize("internal", method.INTERNALS)
+@pytest.mark.parametrize("internal", internals.INTERNALS)
 def test_internal_is_unchanged(internal):
     source = inspect.getsource(_resolve(internal))
     assert hashlib.sha256(source.encode()).hexdigest()[:16] == FINGERPRINTS[internal], (
-        f"mergekit changed {internal}; re-check mergekit_corespace/method.py against it"
+        f"mergekit changed {internal}; re-check mergekit_corespace/glue/internals.py against it"
     )
 
 
 def test_every_touched_internal_is_fingerprinted():
-    assert set(FINGERPRINTS) == set(method.INTERNALS)
+    assert set(FINGERPRINTS) == set(internals.INTERNALS)
 
 
 def test_internals_pass_the_runtime_check():
     import mergekit.merge
 
-    method.check_internals(mergekit.merge)
+    internals.check_internals(mergekit.merge)
 
 
 def test_upstream_bert_bug_is_still_there(tmp_path):

@@ -32,7 +32,7 @@ def test_every_parameter_is_documented():
 def test_every_yaml_example_is_a_valid_configuration():
     import yaml
 
-    from mergekit_corespace.method import METHOD_SPACES
+    from mergekit_corespace.glue.registration import METHOD_SPACES
     from mergekit_corespace.options import MergeParameters
 
     examples = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.+?)```", README, re.S)]

@@ -51,7 +51,10 @@ def test_every_mergekit_entry_module_attaches_the_plugin():
         "mergekit.scripts.run_yaml",
         "mergekit.merge_methods.registry",
         "mergekit.io.tasks",
-        "mergekit_corespace.method",
+        "mergekit_corespace.glue.internals",
+        "mergekit_corespace.glue.registration",
+        "mergekit_corespace.glue.run",
+        "mergekit_corespace.api",
     ):
         done = subprocess.run(
             [

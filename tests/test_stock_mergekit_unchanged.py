@@ -19,7 +19,7 @@ def _run_stock_without_plugin(config, out, extra=()):
         WITHOUT_PTH_HOOK + f"sys.argv = ['mergekit-yaml', *{args!r}]; "
         "from mergekit.scripts.run_yaml import main\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "assert 'mergekit_corespace.method' not in sys.modules"
+        "assert 'mergekit_corespace.glue.internals' not in sys.modules"
     )
     assert done.returncode == 0, done.stderr[-2000:]
 

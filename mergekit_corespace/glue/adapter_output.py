@@ -1,0 +1,108 @@
+"""The merge written as one PEFT LoRA adapter instead of a model.
+
+Planned exactly like a model merge (so filters, gradients, seeds and ``ties_scope:
+global`` resolve identically; :func:`~mergekit_corespace.glue.internals.planned_merge_tasks`),
+but only the merge tasks run, without the base weights, and each module's merged delta
+is written in factored form (:mod:`mergekit_corespace.lora_export`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.glue.registration import METHOD_SPACES
+from mergekit_corespace.glue.run import validate_run
+from mergekit_corespace.glue.staging import staged_output
+from mergekit_corespace.glue.tasks import WeightMergeTask
+from mergekit_corespace.spaces import truncate
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterReport:
+    """What :func:`merge_to_adapter` wrote: per module, its rank and truncation error."""
+
+    path: str
+    ranks: dict[str, int]
+    errors: dict[str, float]  # relative Frobenius error of the truncation
+
+    def summary(self) -> str:
+        if not self.errors:
+            return f"merged adapter: only whole saved weights (modules_to_save) -> {self.path}"
+        worst = max(self.errors, key=self.errors.get)
+        ranks = sorted(set(self.ranks.values()))
+        shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+        return (
+            f"merged adapter: {len(self.ranks)} modules, rank {shown}; relative truncation "
+            f"error worst {self.errors[worst]:.2e} ({worst}), mean "
+            f"{sum(self.errors.values()) / len(self.errors):.2e} -> {self.path}"
+        )
+
+
+def merge_to_adapter(
+    config, out_path: str, options, rank: int | None = None, energy: float | None = None
+) -> AdapterReport:
+    """Merge the config's adapters into one PEFT LoRA adapter at ``out_path``.
+
+    Each module's merged delta is cut to ``rank`` or ``energy`` from its factored form
+    (default: every non-null direction, i.e. exact).
+    """
+    from mergekit.common import dtype_from_name
+    from tqdm import tqdm
+
+    from mergekit_corespace.glue.internals import planned_merge_tasks
+    from mergekit_corespace.lora_export import write_lora_adapter
+
+    if config.merge_method not in METHOD_SPACES:
+        raise CoreSpaceError(
+            f"merge_method: {config.merge_method!r}; an adapter can only be merged with "
+            f"{', '.join(METHOD_SPACES)}"
+        )
+    run = validate_run(config, options)
+    planned = planned_merge_tasks(config, options, run)
+    tasks = [task for task in planned if isinstance(task, WeightMergeTask)]
+    thresholds = run.thresholds.execute() if run.thresholds is not None else None
+    device = options.device or "cpu"
+    modules, layouts, saved = {}, {}, {}
+    for task in tqdm(tasks, desc="Merging adapters", disable=options.quiet):
+        stored = run.checkpoint.stored_names.get(task.weight_name, task.weight_name)
+        if task.dense:  # some adapter saved this weight whole: so does the merged one
+            base = task.base.execute().to(device)
+            delta = task.merged_delta(device, thresholds, base=base)
+            saved[stored] = delta.applied_to(base)
+            continue
+        module = stored.removesuffix(".weight")
+        modules[module] = truncate(task.merged_delta(device, thresholds), rank=rank, energy=energy)
+        first = task.contributions[0][0]
+        layouts[module] = (
+            "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
+        )
+        LOG.info(
+            "%s: rank %d, relative truncation error %.3e",
+            module,
+            modules[module].rank,
+            modules[module].relative_error,
+        )
+    dtype = dtype_from_name(config.out_dtype or config.dtype) or torch.float32
+    with staged_output(out_path) as staging:
+        os.makedirs(staging)
+        write_lora_adapter(
+            staging,
+            modules,
+            base_model_name_or_path=run.base_model.model.path,
+            inputs=[adapter.config for adapter in run.adapters.values()],
+            layouts=layouts,
+            saved=saved,
+            dtype=dtype,
+        )
+    return AdapterReport(
+        path=os.path.abspath(out_path),
+        ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
+        errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
+    )
