@@ -36,8 +36,9 @@ def merge_adapters(
     """Merge ``adapters`` (LoRA adapters of ``base``) and write the result to ``out``.
 
     Args:
-        base: path of the base model (HF format).
-        adapters: adapter paths, or ``(path, weight)`` pairs, or ``{path: weight}``.
+        base: path of the base model (HF format), or its Hub id (``org/name[@revision]``).
+        adapters: adapter paths or Hub ids, or ``(adapter, weight)`` pairs, or
+            ``{adapter: weight}``.
         method: the inner method (``merge`` parameter): ta, mean, ties, dare, dare_ties,
             tsv, cart, iso_c, iso_cts.
         space: ``core`` (default), ``knots`` or ``full``.
@@ -68,13 +69,13 @@ def merge_adapters(
         parameters["lambda"] = parameters.pop("lambda_")
     pairs = adapters.items() if isinstance(adapters, Mapping) else adapters
     pairs = [(item, 1.0) if isinstance(item, (str, os.PathLike)) else item for item in pairs]
-    base = os.path.abspath(base)
+    base = _reference(base)
     config = MergeConfiguration.model_validate(
         {
             "merge_method": SPACE_METHODS[space],
             "base_model": base,
             "models": [
-                {"model": f"{base}+{os.path.abspath(path)}", "parameters": {"weight": weight}}
+                {"model": f"{base}+{_reference(path)}", "parameters": {"weight": weight}}
                 for path, weight in pairs
             ],
             "parameters": {"merge": method, **parameters},
@@ -89,3 +90,10 @@ def merge_adapters(
 
     mergekit.merge.run_merge(config, out, options=run_options)
     return os.path.abspath(out)
+
+
+def _reference(path: str | os.PathLike) -> str:
+    """A local path made absolute (mergekit's model card asks the Hub about relative
+    ones); anything else is a Hub id, ``org/name[@revision]``, kept as written."""
+    path = os.fspath(path)
+    return os.path.abspath(path) if os.path.exists(path) else path

@@ -96,6 +96,7 @@ def merge_to_adapter(
             staging,
             modules,
             base_model_name_or_path=run.base_model.model.path,
+            base_model_revision=run.base_model.model.revision,
             inputs=[adapter.config for adapter in run.adapters.values()],
             layouts=layouts,
             saved=saved,

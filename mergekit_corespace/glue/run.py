@@ -41,6 +41,7 @@ from mergekit_corespace.glue.validation import (
     listed_models,
     weight_parameters,
 )
+from mergekit_corespace.hub import adapter_directory, base_model_error
 from mergekit_corespace.options import MergeParameters, Space
 from mergekit_corespace.pipeline import module_seed
 
@@ -143,12 +144,16 @@ def validate_run(config, options) -> ValidatedRun:
     adapters = {}
     for model in listed_models(config):
         if model.lora is not None and model not in adapters:
-            adapters[model] = LoraAdapter.open(model.lora.path)
+            adapters[model] = LoraAdapter.open(
+                adapter_directory(
+                    model.lora.path, model.lora.revision, cache_dir=options.transformers_cache
+                )
+            )
             named = adapters[model].base_model_name
             if named and _last_part(named) != _last_part(base_model.model.path):
                 LOG.warning(
                     "%s: base_model_name_or_path is %s, merging it into %s",
-                    model.lora.path,
+                    model.lora,
                     named,
                     base_model.model.path,
                 )
@@ -219,7 +224,9 @@ class BaseCheckpoint:
         except CoreSpaceError:
             raise
         except Exception as error:
-            raise CoreSpaceError(f"base_model: {path}: {error}") from None
+            raise CoreSpaceError(
+                base_model_error(path, base_model.model.revision, options.transformers_cache, error)
+            ) from None
         if arch_info is None:
             raise CoreSpaceError(
                 f"base_model: {path}: mergekit has no architecture definition for "
