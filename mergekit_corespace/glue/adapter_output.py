@@ -17,7 +17,7 @@ import torch
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.glue.registration import METHOD_SPACES
 from mergekit_corespace.glue.run import validate_run
-from mergekit_corespace.glue.staging import staged_output
+from mergekit_corespace.glue.staging import claimed_output
 from mergekit_corespace.glue.tasks import WeightMergeTask
 from mergekit_corespace.spaces import truncate
 
@@ -54,9 +54,7 @@ def merge_to_adapter(
     (default: every non-null direction, i.e. exact).
     """
     from mergekit.common import dtype_from_name
-    from tqdm import tqdm
 
-    from mergekit_corespace.glue.internals import planned_merge_tasks
     from mergekit_corespace.lora_export import write_lora_adapter
 
     if config.merge_method not in METHOD_SPACES:
@@ -64,7 +62,37 @@ def merge_to_adapter(
             f"merge_method: {config.merge_method!r}; an adapter can only be merged with "
             f"{', '.join(METHOD_SPACES)}"
         )
-    run = validate_run(config, options)
+    dtype = dtype_from_name(config.out_dtype or config.dtype) or torch.float32
+    with claimed_output(out_path) as output:
+        run = validate_run(config, options)
+        output.check_free_space(run.adapter_output_bytes(dtype.itemsize, rank))
+        modules, layouts, saved = _merged_modules(config, options, run, rank, energy)
+        with output.staging() as staging:
+            os.makedirs(staging)
+            write_lora_adapter(
+                staging,
+                modules,
+                base_model_name_or_path=run.base_model.model.path,
+                base_model_revision=run.base_model.model.revision,
+                inputs=[adapter.config for adapter in run.adapters.values()],
+                layouts=layouts,
+                saved=saved,
+                dtype=dtype,
+            )
+    return AdapterReport(
+        path=os.path.abspath(out_path),
+        ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
+        errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
+    )
+
+
+def _merged_modules(config, options, run, rank: int | None, energy: float | None):
+    """Each merged module's low-rank delta (cut to ``rank`` / ``energy``) and its layout,
+    and the weights some adapter saved whole, merged whole."""
+    from tqdm import tqdm
+
+    from mergekit_corespace.glue.internals import planned_merge_tasks
+
     planned = planned_merge_tasks(config, options, run)
     tasks = [task for task in planned if isinstance(task, WeightMergeTask)]
     thresholds = run.thresholds.execute() if run.thresholds is not None else None
@@ -89,21 +117,4 @@ def merge_to_adapter(
             modules[module].rank,
             modules[module].relative_error,
         )
-    dtype = dtype_from_name(config.out_dtype or config.dtype) or torch.float32
-    with staged_output(out_path) as staging:
-        os.makedirs(staging)
-        write_lora_adapter(
-            staging,
-            modules,
-            base_model_name_or_path=run.base_model.model.path,
-            base_model_revision=run.base_model.model.revision,
-            inputs=[adapter.config for adapter in run.adapters.values()],
-            layouts=layouts,
-            saved=saved,
-            dtype=dtype,
-        )
-    return AdapterReport(
-        path=os.path.abspath(out_path),
-        ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
-        errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
-    )
+    return modules, layouts, saved

@@ -2,9 +2,10 @@
 by :func:`check_internals` before anything is patched, and fingerprinted by
 ``tests/test_mergekit_internals.py``.
 
-- ``mergekit.merge.run_merge`` — wrapped. A run of one of our methods is validated first
-  (before any output exists), written to a staging directory that replaces ``out_path``
-  only when complete, and marked active for the hooks below.
+- ``mergekit.merge.run_merge`` — wrapped. A run of one of our methods claims ``out_path``
+  (:mod:`~mergekit_corespace.glue.staging`), is validated before any output exists,
+  written to a staging directory that replaces ``out_path`` only when complete, and
+  marked active for the hooks below.
 - ``mergekit.io.tasks.LoaderCache.get`` — during an active run a ``base+adapter``
   reference resolves to the base model's own loader, instead of
   ``ModelReference.merged()``, which would write a merged model per adapter to
@@ -34,13 +35,13 @@ import sys
 from collections.abc import Iterator
 
 from mergekit.architecture import get_architecture_info
-from mergekit.common import ModelReference
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Task
 from mergekit.io.tasks import LoaderCache, LoadTensor
 
 from mergekit_corespace.glue.registration import METHOD_SPACES, register_methods
 from mergekit_corespace.glue.run import ValidatedRun, validate_run
-from mergekit_corespace.glue.staging import staged_output
+from mergekit_corespace.glue.staging import claimed_output
 
 SUPPORTED_MERGEKIT = ">=0.1.5,<0.2"
 INTERNALS = (
@@ -168,9 +169,12 @@ def patch_merge_pipeline(merge_module=None) -> None:
     def run_merge(merge_config, out_path, options, config_source=None):
         if merge_config.merge_method not in METHOD_SPACES:
             return original_run_merge(merge_config, out_path, options, config_source=config_source)
-        run = validate_run(merge_config, options)
-        with active(run), staged_output(out_path) as staging:
-            original_run_merge(merge_config, staging, options, config_source=config_source)
+        with claimed_output(out_path) as output:
+            run = validate_run(merge_config, options)
+            dtype = dtype_from_name(merge_config.out_dtype or merge_config.dtype)
+            output.check_free_space(run.checkpoint.model_output_bytes(dtype))
+            with active(run), output.staging() as staging:
+                original_run_merge(merge_config, staging, options, config_source=config_source)
 
     @functools.wraps(original_get)
     def get(self, model: ModelReference):

@@ -12,7 +12,9 @@ Uses mergekit's public model and architecture API (``ModelReference``,
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +102,20 @@ class ValidatedRun:
             seed=module_seed(options.random_seed, weight_name),
             thresholds=thresholds,
         )
+
+    def adapter_output_bytes(self, itemsize: int, rank: int | None = None) -> int:
+        """At most what a merged adapter takes: per module, rank ≤ Σ rₜ of the adapters on
+        it (or ``rank``) times (m + n) entries; weights saved whole at their full size."""
+        total = 1 << 12  # adapter_config.json
+        for weight_name in dict.fromkeys(name for parts in self.parts.values() for name in parts):
+            parts = [p for adapter in self.parts.values() for p in adapter.get(weight_name, ())]
+            if any(isinstance(part, DenseWeight) for part in parts):
+                total += math.prod(parts[0].delta_shape) * itemsize
+                continue
+            m, n = parts[0].delta_shape
+            bound = min(sum(part.rank for part in parts), m, n, rank or m)
+            total += bound * (m + n) * itemsize
+        return total
 
     def _thresholds_task(
         self, parameters: MergeParameters, models: list[ModelReference], options
@@ -204,7 +220,10 @@ class BaseCheckpoint:
     names: dict[str, tuple[str, ...]]
     stored: frozenset[str]  # every tensor name the checkpoint stores
     stored_names: dict[str, str]  # canonical name -> the name it is stored under
-    shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]]  # canonical name -> stored shape (safetensors)
+    dtypes: dict[str, str]  # stored name -> safetensors dtype (F32, BF16, ...)
+    shard_bytes: int  # the weight files
+    other_bytes: int  # config, tokenizer and other files next to them
     _conv1d: set[str] | None = None
 
     @classmethod
@@ -244,20 +263,49 @@ class BaseCheckpoint:
         names = {weight.name: (weight.name, *(weight.aliases or ())) for weight in weights}
         stored = frozenset(index.tensor_paths)
         _warn_about_architecture_mismatch(path, base_config, weights, stored)
+        headers = _tensor_headers(index) if index.is_safetensors else {}
         stored_names, shapes = {}, {}
         for canonical, known in names.items():
             stored_name = next((name for name in known if name in stored), None)
             if stored_name is None:
                 continue
             stored_names[canonical] = stored_name
-            if index.is_safetensors:
-                shard = os.path.join(index.base_path, index.tensor_paths[stored_name])
-                try:
-                    with safe_open(shard, "pt") as handle:
-                        shapes[canonical] = tuple(handle.get_slice(stored_name).get_shape())
-                except Exception as error:
-                    raise CoreSpaceError(f"{shard}: unreadable ({error})") from None
-        return cls(base_model, base_config, names, stored, stored_names, shapes)
+            if stored_name in headers:
+                shapes[canonical] = headers[stored_name][0]
+        shard_files = {shard.filename for shard in index.shards}
+        other_files = [
+            entry
+            for entry in os.scandir(index.base_path)
+            if entry.is_file() and entry.name not in shard_files
+            and not entry.name.endswith(_WEIGHT_SUFFIXES)
+        ]  # fmt: skip
+        return cls(
+            reference=base_model,
+            config=base_config,
+            names=names,
+            stored=stored,
+            stored_names=stored_names,
+            shapes=shapes,
+            dtypes={name: kind for name, (_, kind) in headers.items()},
+            shard_bytes=sum(
+                os.path.getsize(os.path.join(index.base_path, name)) for name in shard_files
+            ),
+            other_bytes=sum(entry.stat().st_size for entry in other_files),
+        )
+
+    def model_output_bytes(self, dtype: torch.dtype | None) -> int:
+        """About what a model merge writes: every stored weight mergekit plans, in the output
+        ``dtype`` (else its own), plus the base's other files (config, tokenizer)."""
+        if not self.dtypes:  # no safetensors headers to read (.bin): the shards' size
+            return self.shard_bytes + self.other_bytes
+        weights = 0
+        for canonical, stored_name in self.stored_names.items():
+            kind = self.dtypes[stored_name]
+            floating = kind.startswith(("F", "BF"))
+            itemsize = dtype.itemsize if dtype is not None and floating else _itemsize(kind)
+            weights += math.prod(self.shapes[canonical]) * itemsize
+            weights += len(canonical) + _HEADER_BYTES_PER_TENSOR
+        return weights + self.other_bytes
 
     def stores(self, weight) -> bool:
         """Whether the checkpoint stores mergekit's ``WeightInfo`` under any of its names
@@ -308,6 +356,31 @@ class BaseCheckpoint:
                 model = get_auto_cls(self.config.architectures[0]).from_config(self.config)
             self._conv1d = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
         return self._conv1d
+
+
+_HEADER_BYTES_PER_TENSOR = 96  # a safetensors header entry: name, dtype, shape, offsets
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def _tensor_headers(index) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Stored name -> (shape, safetensors dtype) of every tensor, from the shard headers."""
+    headers = {}
+    for shard in index.shards:
+        path = os.path.join(index.base_path, shard.filename)
+        try:
+            with safe_open(path, "pt") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+        except Exception as error:
+            raise CoreSpaceError(f"{path}: unreadable ({error})") from None
+    return headers
+
+
+def _itemsize(safetensors_dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name (F32, BF16, F8_E4M3, BOOL, ...)."""
+    bits = re.search(r"\d+", safetensors_dtype)
+    return int(bits[0]) // 8 if bits else 1
 
 
 def _warn_about_architecture_mismatch(path, base_config, weights, stored: frozenset[str]) -> None:
