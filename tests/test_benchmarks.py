@@ -22,7 +22,8 @@ def test_perf_e2e_bench_small(tmp_path):
         "passthrough of the base (I/O floor)",
         "core_space, ties",
         "stock ties on base+adapter",
-        "| full depth",
+        "Output shards of 100M bytes: small model",
+        "Output shards of 100M bytes: half depth",
     ):
         assert row in out
 

@@ -1,11 +1,12 @@
 """Build a Llama-architecture model with random weights (HF format, several safetensors
 shards) and T random LoRA adapters in PEFT format, at a chosen scale.
 
-    python bench/perf/build.py OUT_DIR [--preset 1b|small] [--layers N] [--adapters 6]
+    python bench/perf/build.py OUT_DIR [--preset 8b|1b|small] [--layers N] [--adapters 6]
                                        [--rank 16] [--mixed-ranks]
 
-Weights are generated layer by layer straight into safetensors shards, so building a
-1 B model needs about one shard of memory. The adapters are PEFT adapters as PEFT writes
+Weights are generated tensor by tensor and written one safetensors shard at a time, so
+building needs about one shard of memory (5 GB shards for the 8 B preset, 1 GiB for the
+others). The adapters are PEFT adapters as PEFT writes
 them (``LoraConfig.save_pretrained`` + ``base_model.model.<module>.lora_A/B.weight``),
 with random non-zero A and B on q, k, v, o, gate, up, down.
 """
@@ -14,12 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import torch
 from safetensors.torch import save_file
 
 PRESETS = {
+    # Llama-3-8B shapes: 8.0 B parameters, ~16 GB in bfloat16
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
     # Llama-3.2-1B-like, with a 32k vocabulary: 1.1 B parameters
     "1b": dict(
         hidden_size=2048,
@@ -38,6 +49,7 @@ PRESETS = {
         vocab_size=1000,
     ),
 }
+SHARD_BYTES = {"8b": 5 * 10**9}  # as the 8 B checkpoints people download are sharded
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -58,7 +70,7 @@ def layer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def build_model(path: str, config: dict, dtype=torch.bfloat16, shard_bytes: int = 1 << 30) -> int:
-    """Write the model shard by shard; returns the number of parameters."""
+    """Write the model one shard at a time; returns the number of parameters."""
     from transformers import LlamaConfig
 
     os.makedirs(path, exist_ok=True)
@@ -69,37 +81,40 @@ def build_model(path: str, config: dict, dtype=torch.bfloat16, shard_bytes: int 
         architectures=["LlamaForCausalLM"],
         torch_dtype=str(dtype).removeprefix("torch."),
     ).save_pretrained(path)
-    generator = torch.Generator().manual_seed(0)
     h, vocab = config["hidden_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for layer in range(config["num_hidden_layers"]):
+        for name, shape in layer_shapes(config).items():
+            shapes[f"model.layers.{layer}.{name}.weight"] = shape
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (vocab, h)})
 
-    def tensors():
-        yield "model.embed_tokens.weight", (vocab, h)
-        for layer in range(config["num_hidden_layers"]):
-            for name, shape in layer_shapes(config).items():
-                yield f"model.layers.{layer}.{name}.weight", shape
-        yield "model.norm.weight", (h,)
-        yield "lm_head.weight", (vocab, h)
-
-    shards, current, size, total = [], {}, 0, 0
-    for name, shape in tensors():
-        tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
-        if len(shape) == 1:
-            tensor = torch.ones(shape, dtype=dtype)
-        if current and size + tensor.nbytes > shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += tensor.nbytes
-        total += tensor.numel()
-    shards.append(current)
+    shards, size = [[]], 0  # plan the shards from the shapes, then fill them one by one
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    generator = torch.Generator().manual_seed(0)
     weight_map = {}
-    for index, shard in enumerate(shards, 1):
+    for index, names in enumerate(shards, 1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
+        tensors = {}
+        for name in names:
+            if len(shapes[name]) == 1:
+                tensors[name] = torch.ones(shapes[name], dtype=dtype)
+            else:
+                tensors[name] = torch.empty(shapes[name], dtype=dtype).normal_(
+                    0, 0.02, generator=generator
+                )
+        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(names, file))
+    total_size = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as handle:
-        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, handle, indent=1)
-    return total
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, handle)
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def build_adapter(path: str, base: str, config: dict, rank: int, seed: int) -> None:
@@ -142,8 +157,8 @@ def main() -> None:
     if args.layers:
         config["num_hidden_layers"] = args.layers
     base = os.path.abspath(os.path.join(args.out, "base"))
-    params = build_model(base, config)
-    print(f"base: {params / 1e9:.2f} B parameters -> {base}")
+    params = build_model(base, config, shard_bytes=SHARD_BYTES.get(args.preset, 1 << 30))
+    print(f"base: {params / 1e9:.3f} B parameters -> {base}")
     for t in range(args.adapters):
         rank = (8, 16, 32)[t % 3] if args.mixed_ranks else args.rank
         build_adapter(os.path.join(args.out, f"adapter{t}"), base, config, rank, t)

@@ -1,19 +1,31 @@
 """End to end, in one run: core-space merge vs passthrough (the I/O floor) vs stock
 mergekit TIES on `base+adapter` references (which merges a model copy per adapter).
 
-    python bench/perf/e2e_bench.py [--preset 1b|small | --small] [--work DIR] [--repeat 2]
-                                   [--skip-stock] [--cuda]
+    python bench/perf/e2e_bench.py [--preset 8b|1b|small | --small] [--work DIR]
+                                   [--step all|default|shards|stock] [--repeat 2]
+                                   [--skip-stock] [--cold] [--cuda]
 
-Builds (or reuses, in WORK) a Llama-architecture model at the preset's size and one at
-half its depth, each with 6 PEFT adapters of rank 16 on q, k, v, o, gate, up, down
-(bench/perf/build.py). Every command is a fresh `mergekit-yaml` process, started after
-`sync`; reported are wall time, peak RSS of the whole process tree, and bytes written
-to disk (output plus --lora-merge-cache). Prints markdown tables with the ratios.
+Builds (or reuses, in WORK) a Llama-architecture model at the preset's size with 6 PEFT
+adapters of rank 16 on q, k, v, o, gate, up, down (bench/perf/build.py). Every command is
+a fresh `mergekit-yaml` process, started after `sync` (and, with --cold, after dropping
+the page cache); reported are wall time, peak RSS of the whole process tree, and bytes
+written to disk (output plus --lora-merge-cache). Steps, each printing its own tables
+(ratios within a row always come from one run):
+
+- default: passthrough vs core_space TIES, alternating, default shard size (5B);
+- shards: the same with small output shards (100M; 1B for the 8b preset), and for the
+  small and 1b presets also on a model of half the depth: peak RSS must not grow with
+  model size;
+- stock: mergekit's own TIES on base+adapter references. For the 8b preset it is not run
+  (it would write 6 merged copies of the model, ~100 GB): its bytes are computed.
+
+The 8b preset's steps each fit in 10 minutes on 2 CPU cores; run them one by one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -24,8 +36,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from build import PRESETS, build_adapter, build_model  # noqa: E402
+from build import PRESETS, SHARD_BYTES, build_adapter, build_model  # noqa: E402
 from measure import directory_bytes, mib, run_measured  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 ADAPTERS = 6
@@ -40,7 +53,7 @@ def build(work: str, preset: str, layers: int | None) -> tuple[str, list[str]]:
     adapters = [os.path.join(root, f"adapter{t}") for t in range(ADAPTERS)]
     if not os.path.exists(os.path.join(adapters[-1], "adapter_model.safetensors")):
         shutil.rmtree(root, ignore_errors=True)
-        build_model(base, config)
+        build_model(base, config, shard_bytes=SHARD_BYTES.get(preset, 1 << 30))
         for t, path in enumerate(adapters):
             build_adapter(path, base, config, rank=16, seed=t)
     return base, adapters
@@ -70,11 +83,15 @@ def write_config(path: str, method: str, base: str, adapters: list[str]) -> str:
     return path
 
 
-def run(config: str, work: str, label: str, *options: str):
+def run(config: str, work: str, label: str, *options: str, cold: bool = False, keep=False):
+    """One fresh `mergekit-yaml` process: (measurement, bytes written, output path)."""
     out, cache = os.path.join(work, f"out-{label}"), os.path.join(work, f"cache-{label}")
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(cache, ignore_errors=True)
+    for previous in (out, cache):
+        shutil.rmtree(previous, ignore_errors=True)
     os.sync()
+    if cold:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
     command = [
         os.path.join(BIN, "mergekit-yaml"),
         config,
@@ -91,7 +108,50 @@ def run(config: str, work: str, label: str, *options: str):
         sys.exit(f"{' '.join(command)} failed; see {work}/{label}.log")
     written = directory_bytes(out, cache)
     shutil.rmtree(cache, ignore_errors=True)
+    if not keep:  # outputs of the 8b preset are 16 GB each
+        shutil.rmtree(out, ignore_errors=True)
     return measured, written, out
+
+
+SMALL_SHARDS = {"small": "100M", "1b": "100M", "8b": "1B"}
+LABELS = {
+    "passthrough": "passthrough of the base (I/O floor)",
+    "core_space": "core_space, ties",
+    "ties": "stock ties on base+adapter (--lora-merge-cache)",
+}
+
+
+def median_row(runs):
+    """(wall, peak RSS, bytes written) medians over repeated runs."""
+    return tuple(
+        statistics.median(values)
+        for values in zip(*[(m.wall_s, m.peak_rss_bytes, written) for m, written, _ in runs])
+    )
+
+
+def print_table(title: str, rows: dict) -> None:
+    floor_wall, floor_rss, _ = rows["passthrough"]
+    print(f"\n### {title}\n")
+    print("| run | wall | × passthrough | peak RSS (tree) | × passthrough | bytes written |")
+    print("|---|---|---|---|---|---|")
+    for method, (wall, rss, written) in rows.items():
+        wall_cell = "not run" if wall is None else f"{wall:.1f} s"
+        ratio = "" if wall is None else f"{wall / floor_wall:.2f}"
+        rss_cells = "" if rss is None else f"{mib(rss)} | {rss / floor_rss:.2f}"
+        print(
+            f"| {LABELS[method]} | {wall_cell} | {ratio} | {rss_cells or ' | '} | "
+            f"{mib(written)}{' (computed)' if wall is None else ''} |"
+        )
+
+
+def alternate(configs: dict, work: str, repeat: int, cold: bool, *options: str) -> dict:
+    """Run each config ``repeat`` times, alternating, so that drift hits all alike."""
+    runs = {}
+    for _ in range(repeat):
+        for method, config in configs.items():
+            label = f"{method}{'-' + '-'.join(options).strip('-') if options else ''}"
+            runs.setdefault(method, []).append(run(config, work, label, *options, cold=cold))
+    return {method: median_row(measured) for method, measured in runs.items()}
 
 
 def main() -> None:
@@ -105,109 +165,97 @@ def main() -> None:
         help="the CI-sized model (same as --preset small)",
     )
     parser.add_argument("--work", default=None, help="where models and outputs go")
+    parser.add_argument("--step", choices=("all", "default", "shards", "stock"), default="all")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-stock", action="store_true")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before each run (root only)"
+    )
     parser.add_argument("--cuda", action="store_true", help="also run core space with --cuda")
     args = parser.parse_args()
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="corespace-e2e-"))
     os.makedirs(work, exist_ok=True)
-    layers = PRESETS[args.preset]["num_hidden_layers"]
     base, adapters = build(work, args.preset, None)
-    half_base, half_adapters = build(work, args.preset, layers // 2)
-
     configs = {
         m: write_config(os.path.join(work, f"{m}.yml"), m, base, adapters)
         for m in ("passthrough", "core_space", "ties")
     }
-    rows = {}
-    for _ in range(args.repeat):  # alternate, so that drift hits both alike
-        for method in ("passthrough", "core_space"):
-            rows.setdefault(method, []).append(run(configs[method], work, method))
-    if not args.skip_stock:
-        rows["ties"] = [run(configs["ties"], work, "ties")]
+    steps = ("default", "shards", "stock") if args.step == "all" else (args.step,)
+    model = f"{args.preset} model ({directory_bytes(base) / 2**30:.1f} GiB, {base})"
+    pair = {m: configs[m] for m in ("passthrough", "core_space")}
 
-    def median(method):
-        measured = [m for m, _, _ in rows[method]]
-        return (
-            statistics.median(m.wall_s for m in measured),
-            statistics.median(m.peak_rss_bytes for m in measured),
-            statistics.median(w for _, w, _ in rows[method]),
-        )
+    if "default" in steps or "stock" in steps:
+        rows = alternate(pair, work, args.repeat, args.cold)
+        if "stock" in steps and not args.skip_stock:
+            if args.preset == "8b":  # a merged model per adapter in the cache, plus the output
+                rows["ties"] = (None, None, (ADAPTERS + 1) * directory_bytes(base))
+            else:
+                rows["ties"] = median_row([run(configs["ties"], work, "ties", cold=args.cold)])
+        print_table(f"End to end: {model}, {ADAPTERS} adapters of rank 16", rows)
+        if "ties" in rows and rows["ties"][0] is not None:
+            print(
+                f"\ncore_space is {rows['ties'][0] / rows['core_space'][0]:.1f}× faster "
+                "than the stock base+adapter TIES path."
+            )
+        elif "ties" in rows:
+            print(
+                "\nstock ties was not run: it would write the bytes above (one merged copy "
+                "of the base per adapter in --lora-merge-cache, plus the output)."
+            )
 
-    floor_wall, floor_rss, floor_written = median("passthrough")
-    print(f"\n### End to end: {args.preset} model ({base}), {ADAPTERS} adapters of rank 16\n")
-    print("| run | wall | × passthrough | peak RSS (tree) | × passthrough | bytes written |")
-    print("|---|---|---|---|---|---|")
-    labels = {
-        "passthrough": "passthrough of the base (I/O floor)",
-        "core_space": "core_space, ties",
-        "ties": "stock ties on base+adapter (--lora-merge-cache)",
-    }
-    for method in rows:
-        wall, rss, written = median(method)
-        print(
-            f"| {labels[method]} | {wall:.1f} s | {wall / floor_wall:.2f} | {mib(rss)} | "
-            f"{rss / floor_rss:.2f} | {mib(written)} |"
-        )
-    if "ties" in rows:
-        print(
-            f"\ncore_space is {median('ties')[0] / median('core_space')[0]:.1f}× faster "
-            "than the stock base+adapter TIES path."
-        )
-
-    print("\n### Small output shards (--out-shard-size 100M): peak RSS vs model size\n")
-    print("| model | passthrough RSS | core_space RSS | ratio |")
-    print("|---|---|---|---|")
-    for name, (b, a) in (
-        ("half depth", (half_base, half_adapters)),
-        ("full depth", (base, adapters)),
-    ):
-        small = {
-            m: write_config(os.path.join(work, f"{m}-{name[:4]}.yml"), m, b, a)
-            for m in ("passthrough", "core_space")
-        }
-        rss = {
-            m: run(small[m], work, f"{m}-shards", "--out-shard-size", "100M")[0].peak_rss_bytes
-            for m in small
-        }
-        print(
-            f"| {name} ({directory_bytes(b) / 2**30:.1f} GiB) | {mib(rss['passthrough'])} | "
-            f"{mib(rss['core_space'])} | {rss['core_space'] / rss['passthrough']:.2f} |"
-        )
+    if "shards" in steps:
+        shard = SMALL_SHARDS[args.preset]
+        rows = alternate(pair, work, args.repeat, args.cold, "--out-shard-size", shard)
+        print_table(f"Output shards of {shard} bytes: {model}", rows)
+        if args.preset != "8b":
+            layers = PRESETS[args.preset]["num_hidden_layers"] // 2
+            half_base, half_adapters = build(work, args.preset, layers)
+            half = {
+                m: write_config(os.path.join(work, f"{m}-half.yml"), m, half_base, half_adapters)
+                for m in ("passthrough", "core_space")
+            }
+            rows = alternate(half, work, args.repeat, args.cold, "--out-shard-size", shard)
+            size = directory_bytes(half_base) / 2**30
+            print_table(f"Output shards of {shard} bytes: half depth ({size:.1f} GiB)", rows)
 
     if args.cuda:
-        from safetensors.torch import load_file
+        cuda(configs, base, work, args)
 
-        measured, _, _ = run(configs["core_space"], work, "core_space-cuda", "--cuda")
-        print(
-            f"\n--cuda: {measured.wall_s:.1f} s ({median('core_space')[0] / measured.wall_s:.1f}× "
-            f"the CPU run), {measured.wall_s / floor_wall:.2f}× passthrough"
-        )
-        # agreement, in float32 output, of the merged deltas (W' − W) on CPU and GPU
-        fp32 = configs["core_space"].replace(".yml", "-fp32.yml")
-        with open(configs["core_space"]) as src, open(fp32, "w") as dst:
-            dst.write(src.read() + "dtype: float32\n")
-        outs = [
-            run(fp32, work, f"fp32-{d}", *flags)[2]
-            for d, flags in (("cpu", ()), ("gpu", ("--cuda",)))
-        ]
-        base_shards = {
-            f: load_file(os.path.join(base, f))
-            for f in os.listdir(base)
-            if f.endswith(".safetensors")
-        }
-        base_tensors = {k: v for shard in base_shards.values() for k, v in shard.items()}
-        worst = 0.0
-        for shard in sorted(f for f in os.listdir(outs[0]) if f.endswith(".safetensors")):
-            cpu, gpu = (load_file(os.path.join(o, shard)) for o in outs)
-            for name, x in cpu.items():
-                delta = x.double() - base_tensors[name].double()
-                if delta.any():
-                    diff = (x.double() - gpu[name].double()).norm() / delta.norm()
-                    worst = max(worst, diff.item())
-        print(
-            f"CPU vs GPU (float32 output): worst relative difference of a merged delta {worst:.1e}"
-        )
+
+def cuda(configs: dict, base: str, work: str, args) -> None:
+    """A GPU run of core space, and the CPU/GPU agreement of the merged deltas."""
+    from safetensors.torch import load_file
+
+    floor = run(configs["passthrough"], work, "passthrough-cuda-floor", cold=args.cold)[0]
+    cpu = run(configs["core_space"], work, "core_space-cpu", cold=args.cold)[0]
+    measured = run(configs["core_space"], work, "core_space-cuda", "--cuda", cold=args.cold)[0]
+    print(
+        f"\n--cuda: {measured.wall_s:.1f} s ({cpu.wall_s / measured.wall_s:.1f}× faster than "
+        f"the CPU run's {cpu.wall_s:.1f} s), {measured.wall_s / floor.wall_s:.2f}× passthrough"
+    )
+    # agreement, in float32 output, of the merged deltas (W' − W) on CPU and GPU
+    fp32 = configs["core_space"].replace(".yml", "-fp32.yml")
+    with open(configs["core_space"]) as src, open(fp32, "w") as dst:
+        dst.write(src.read() + "dtype: float32\n")
+    outs = [
+        run(fp32, work, f"fp32-{d}", *flags, keep=True)[2]
+        for d, flags in (("cpu", ()), ("gpu", ("--cuda",)))
+    ]
+    index = os.path.join(base, "model.safetensors.index.json")
+    with open(index) as handle:
+        where = json.load(handle)["weight_map"]
+    worst = 0.0
+    for shard in sorted(f for f in os.listdir(outs[0]) if f.endswith(".safetensors")):
+        cpu_out, gpu_out = (load_file(os.path.join(o, shard)) for o in outs)
+        for name, x in cpu_out.items():
+            with safe_open(os.path.join(base, where[name]), "pt") as handle:
+                delta = x.double() - handle.get_tensor(name).double()
+            if delta.any():
+                diff = (x.double() - gpu_out[name].double()).norm() / delta.norm()
+                worst = max(worst, diff.item())
+    print(f"CPU vs GPU (float32 output): worst relative difference of a merged delta {worst:.1e}")
+    for out in outs:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

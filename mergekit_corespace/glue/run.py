@@ -24,6 +24,7 @@ from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_con
 from mergekit.common import ModelReference
 from mergekit.graph import Task
 from safetensors import safe_open
+from tqdm import tqdm
 
 from mergekit_corespace.adapters import (
     Contribution,
@@ -158,21 +159,20 @@ def validate_run(config, options) -> ValidatedRun:
     check_parameters(config)
     combine_duplicates(config)
     adapters = {}
-    for model in listed_models(config):
-        if model.lora is not None and model not in adapters:
-            adapters[model] = LoraAdapter.open(
-                adapter_directory(
-                    model.lora.path, model.lora.revision, cache_dir=options.transformers_cache
-                )
+    references = dict.fromkeys(model for model in listed_models(config) if model.lora is not None)
+    for model in tqdm(references, desc="Checking adapters", disable=options.quiet):
+        directory = adapter_directory(
+            model.lora.path, model.lora.revision, cache_dir=options.transformers_cache
+        )
+        adapters[model] = LoraAdapter.open(directory)
+        named = adapters[model].base_model_name
+        if named and _last_part(named) != _last_part(base_model.model.path):
+            LOG.warning(
+                "%s: base_model_name_or_path is %s, merging it into %s",
+                model.lora,
+                named,
+                base_model.model.path,
             )
-            named = adapters[model].base_model_name
-            if named and _last_part(named) != _last_part(base_model.model.path):
-                LOG.warning(
-                    "%s: base_model_name_or_path is %s, merging it into %s",
-                    model.lora,
-                    named,
-                    base_model.model.path,
-                )
     checkpoint = BaseCheckpoint.read(base_model, options)
     run = ValidatedRun(
         space=METHOD_SPACES[config.merge_method],
