@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
 from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.memory import release_file_pages
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -356,17 +357,20 @@ def read_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left, right)`` in ``dtype`` on ``device`` with ``ΔW = left @ right`` in the base
     weight's layout, the scale folded into ``left``."""
-    a, b = _tensor_file(lora.file).get(lora.a_key, lora.b_key)
-    a = _finite(a, lora.file, lora.a_key).to(device=device, dtype=dtype)
-    b = _finite(b, lora.file, lora.b_key).to(device=device, dtype=dtype)
+    raw_a, raw_b = _tensor_file(lora.file).get(lora.a_key, lora.b_key)
+    a = _finite(raw_a, lora.file, lora.a_key).to(device=device, dtype=dtype, copy=True)
+    b = _finite(raw_b, lora.file, lora.b_key).to(device=device, dtype=dtype, copy=True)
+    release_file_pages(raw_a, raw_b)  # read once per merge: keep RSS at about one module
     if lora.transposed:  # ΔW = s (B A)ᵀ = (s Aᵀ)(Bᵀ)
         return a.T * lora.scale, b.T
     return b * lora.scale, a
 
 
 def read_dense(weight: DenseWeight, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    (tensor,) = _tensor_file(weight.file).get(weight.key)
-    return _finite(tensor, weight.file, weight.key).to(device=device, dtype=dtype)
+    (raw,) = _tensor_file(weight.file).get(weight.key)
+    tensor = _finite(raw, weight.file, weight.key).to(device=device, dtype=dtype, copy=True)
+    release_file_pages(raw)
+    return tensor
 
 
 def match_modules(

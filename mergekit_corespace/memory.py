@@ -1,17 +1,19 @@
-"""Give a memory-mapped tensor's file pages back once it has been read.
+"""Give the pages of a memory-mapped checkpoint back once a merge has read from it.
 
 mergekit's lazy loader hands out base weights as views into a memory-mapped shard
-(safetensors). Reading a weight makes its pages resident, and they stay counted in the
-process's RSS until the whole shard is unmapped — on top of the merged copy we produce.
-For a private, file-backed mapping whose pages were never written, ``MADV_DONTNEED``
-simply drops them: a later read faults them in again from the file. Nothing is done
-for any other memory (anonymous memory would be zeroed), nor off Linux.
+(safetensors), and adapter factors are read the same way. Every page read stays counted
+in the process's RSS while the file is mapped: the weights merged so far, but also the
+ones copied unchanged (a 1 GB embedding matrix stays resident after it was written).
+The mappings are private and never written, so ``MADV_DONTNEED`` simply drops their
+pages: whatever is read again later faults back in from the page cache or the file,
+unchanged. Done for the whole mapping a tensor lies in (one checkpoint file), so RSS
+stays at about one module plus one output shard; nothing is done for any other memory
+(anonymous memory would be zeroed), nor off Linux.
 """
 
 from __future__ import annotations
 
 import ctypes
-import mmap
 import sys
 
 import torch
@@ -19,34 +21,36 @@ import torch
 _MADV_DONTNEED = 4
 
 
-def _file_mapping(address: int) -> tuple[int, int] | None:
-    """The private file-backed mapping containing ``address``, as (start, end)."""
+def _file_mappings() -> list[tuple[int, int]]:
+    """The private file-backed mappings of this process, as (start, end)."""
+    mappings = []
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                private = fields[1][3] == "p"
-                file_backed = len(fields) == 6 and fields[5].startswith("/")
-                return (start, end) if private and file_backed else None
-    return None
+            private = fields[1][3] == "p"
+            if private and len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                mappings.append((start, end))
+    return mappings
 
 
-def release_file_pages(tensor: torch.Tensor) -> int:
-    """Drop the resident pages of a CPU tensor that lies in a private file mapping.
+def release_file_pages(*tensors: torch.Tensor) -> int:
+    """Drop the resident pages of the checkpoint files (private file mappings) that CPU
+    ``tensors`` are views into; one read of ``/proc/self/maps`` for all of them.
 
-    Returns the number of bytes released (0 when the tensor is not such a view)."""
-    if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0:
+    Returns the number of bytes of mappings released (0 when no tensor is such a view)."""
+    views = [t for t in tensors if t.device.type == "cpu" and t.numel() > 0]
+    if sys.platform != "linux" or not views:
         return 0
-    begin, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    mapping = _file_mapping(begin)
-    if mapping is None or begin + size > mapping[1]:
-        return 0
-    page = mmap.PAGESIZE
-    start, end = -(-begin // page) * page, (begin + size) // page * page  # whole pages inside
-    if end <= start:
-        return 0
+    holding = set()
+    for start, stop in _file_mappings():
+        for tensor in views:
+            begin = tensor.data_ptr()
+            if start <= begin and begin + tensor.numel() * tensor.element_size() <= stop:
+                holding.add((start, stop))
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED):
-        return 0
-    return end - start
+    released = 0
+    for start, stop in holding:
+        if not libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED):
+            released += stop - start
+    return released

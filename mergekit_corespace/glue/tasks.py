@@ -92,7 +92,7 @@ class WeightMergeTask(Task[torch.Tensor]):
                     )
         delta = self.merged_delta(base.device, thresholds, base=base)
         merged = delta.applied_to(base)
-        release_file_pages(base)  # read once; its mapped pages need not stay resident
+        release_file_pages(base)  # read once; the shard's mapped pages need not stay resident
         return merged
 
     def merged_delta(
