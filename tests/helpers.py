@@ -103,3 +103,22 @@ def peft_factors(base: str, adapter: str) -> dict[str, tuple[torch.Tensor, torch
             b = module.lora_B["default"].weight.detach() * module.scaling["default"]
             factors[name + ".weight"] = (b, module.lora_A["default"].weight.detach())
     return factors
+
+
+def merge_yaml(
+    base: str,
+    adapters,
+    weights=(1.0, 0.5, 0.8),
+    parameters: str = "{merge: ta}",
+    merge_method: str = "core_space",
+    base_model: str | None = None,
+) -> str:
+    """A mergekit config merging ``base+adapter`` for each adapter, weighted in turn."""
+    models = "".join(
+        f"  - model: {base}+{adapter}\n    parameters: {{weight: {weight}}}\n"
+        for adapter, weight in zip(adapters, weights)
+    )
+    return (
+        f"merge_method: {merge_method}\nbase_model: {base_model or base}\nmodels:\n{models}"
+        f"parameters: {parameters}\n"
+    )

@@ -10,21 +10,13 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, cache_repo, commit_of
-from helpers import run_cli
+from helpers import merge_yaml, run_cli
 
-WEIGHTS = (1.0, 0.5, 0.8)
 NO_TRACEBACK = "Traceback"
 
 
 def _yaml(base, references, parameters="{merge: ta}", base_model=None):
-    models = "".join(
-        f"  - model: {base}+{reference}\n    parameters: {{weight: {weight}}}\n"
-        for reference, weight in zip(references, WEIGHTS)
-    )
-    return (
-        f"merge_method: core_space\nbase_model: {base_model or base}\nmodels:\n{models}"
-        f"parameters: {parameters}\n"
-    )
+    return merge_yaml(base, references, parameters=parameters, base_model=base_model)
 
 
 def _merge(tmp_path, name, text, env, script="mergekit-yaml", extra=()):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import load_model_tensors, relative_error, run_cli, run_in_process
+from helpers import load_model_tensors, merge_yaml, relative_error, run_cli, run_in_process
 from safetensors import safe_open
 
 from mergekit_corespace import merge_adapters, toy
@@ -14,14 +14,7 @@ from mergekit_corespace.spaces import truncate
 
 
 def _yaml(base, adapters, merge_method, parameters):
-    models = "".join(
-        f"  - model: {base}+{a}\n    parameters: {{weight: {w}}}\n"
-        for a, w in zip(adapters, (1.0, 0.5, 0.8))
-    )
-    return (
-        f"merge_method: {merge_method}\nbase_model: {base}\nmodels:\n{models}"
-        f"parameters: {parameters}\n"
-    )
+    return merge_yaml(base, adapters, parameters=parameters, merge_method=merge_method)
 
 
 def _apply_with_peft(base, adapter):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, run_in_process
+from helpers import merge_yaml, run_cli, run_in_process
 
 from mergekit_corespace.errors import CoreSpaceError
 
@@ -21,15 +21,8 @@ FAULTY = str(Path(__file__).with_name("faulty_disk.py"))
 
 
 def _config(tmp_path, base, adapters, weights=(1.0, 0.5, 0.8)) -> Path:
-    models = "".join(
-        f"  - model: {base}+{adapter}\n    parameters: {{weight: {weight}}}\n"
-        for adapter, weight in zip(adapters, weights)
-    )
     path = tmp_path / f"merge-{'-'.join(map(str, weights))}.yml"
-    path.write_text(
-        f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}"
-        "parameters: {merge: ties, density: 0.6}\n"
-    )
+    path.write_text(merge_yaml(base, adapters, weights, "{merge: ties, density: 0.6}"))
     return path
 
 
