@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.memory import release_file_pages
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -353,24 +352,35 @@ def _finite(tensor: torch.Tensor, file: str, key: str) -> torch.Tensor:
 
 
 def read_factors(
-    lora: LoraModule, dtype: torch.dtype, device: torch.device | str = "cpu"
+    lora: LoraModule,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    views: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left, right)`` in ``dtype`` on ``device`` with ``ΔW = left @ right`` in the base
-    weight's layout, the scale folded into ``left``."""
+    weight's layout, the scale folded into ``left``. ``views`` collects the tensors as
+    read from the file (views into its mapping, whose pages the caller may release)."""
     raw_a, raw_b = _tensor_file(lora.file).get(lora.a_key, lora.b_key)
     a = _finite(raw_a, lora.file, lora.a_key).to(device=device, dtype=dtype, copy=True)
     b = _finite(raw_b, lora.file, lora.b_key).to(device=device, dtype=dtype, copy=True)
-    release_file_pages(raw_a, raw_b)  # read once per merge: keep RSS at about one module
+    if views is not None:
+        views += (raw_a, raw_b)
     if lora.transposed:  # ΔW = s (B A)ᵀ = (s Aᵀ)(Bᵀ)
         return a.T * lora.scale, b.T
     return b * lora.scale, a
 
 
-def read_dense(weight: DenseWeight, dtype: torch.dtype, device: torch.device | str = "cpu"):
+def read_dense(
+    weight: DenseWeight,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    views: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A whole saved weight in ``dtype`` on ``device`` (``views`` as for read_factors)."""
     (raw,) = _tensor_file(weight.file).get(weight.key)
-    tensor = _finite(raw, weight.file, weight.key).to(device=device, dtype=dtype, copy=True)
-    release_file_pages(raw)
-    return tensor
+    if views is not None:
+        views.append(raw)
+    return _finite(raw, weight.file, weight.key).to(device=device, dtype=dtype, copy=True)
 
 
 def match_modules(

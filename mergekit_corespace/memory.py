@@ -13,25 +13,27 @@ stays at about one module plus one output shard; nothing is done for any other m
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import sys
 
 import torch
 
 _MADV_DONTNEED = 4
+_MADV_HUGEPAGE = 14
+_HUGE_PAGE = 2 << 20
 
 
 def _file_mappings() -> list[tuple[int, int]]:
-    """The private file-backed mappings of this process, as (start, end)."""
+    """The private file-backed mappings of this process, as sorted (start, end)."""
     mappings = []
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            private = fields[1][3] == "p"
-            if private and len(fields) == 6 and fields[5].startswith("/"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                mappings.append((start, end))
-    return mappings
+            if len(fields) == 6 and fields[1][3] == "p" and fields[5].startswith("/"):
+                start, end = fields[0].split("-")
+                mappings.append((int(start, 16), int(end, 16)))
+    return sorted(mappings)
 
 
 def release_file_pages(*tensors: torch.Tensor) -> int:
@@ -42,11 +44,14 @@ def release_file_pages(*tensors: torch.Tensor) -> int:
     views = [t for t in tensors if t.device.type == "cpu" and t.numel() > 0]
     if sys.platform != "linux" or not views:
         return 0
+    mappings = _file_mappings()
     holding = set()
-    for start, stop in _file_mappings():
-        for tensor in views:
-            begin = tensor.data_ptr()
-            if start <= begin and begin + tensor.numel() * tensor.element_size() <= stop:
+    for tensor in views:
+        begin = tensor.data_ptr()
+        index = bisect.bisect_right(mappings, (begin, float("inf"))) - 1
+        if index >= 0:
+            start, stop = mappings[index]
+            if begin + tensor.numel() * tensor.element_size() <= stop:
                 holding.add((start, stop))
     libc = ctypes.CDLL(None, use_errno=True)
     released = 0
@@ -54,3 +59,18 @@ def release_file_pages(*tensors: torch.Tensor) -> int:
         if not libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED):
             released += stop - start
     return released
+
+
+def empty_like_huge(tensor: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(tensor)``, asking the kernel for transparent huge pages (where
+    it grants them on request): a fresh output weight is then faulted in 2 MB at a time
+    instead of 4 KB, 512× fewer page faults while it is first written."""
+    out = torch.empty_like(tensor)
+    if sys.platform == "linux" and out.device.type == "cpu" and out.numel():
+        begin = out.data_ptr()
+        first = -(-begin // _HUGE_PAGE) * _HUGE_PAGE
+        last = (begin + out.numel() * out.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+        if last > first:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_HUGEPAGE)
+    return out

@@ -13,6 +13,7 @@ import torch
 
 from mergekit_corespace import merges
 from mergekit_corespace.adapters import Contribution, LoraModule, read_dense, read_factors
+from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.options import MergeParameters, Space
 from mergekit_corespace.spaces import SPACES, LowRank, MergedDelta
 
@@ -84,23 +85,32 @@ def read_inputs(
     parameters: MergeParameters,
     device: torch.device | str = "cpu",
     base: torch.Tensor | None = None,
+    views: list[torch.Tensor] | None = None,
 ) -> list[TaskInput]:
     """Read one module's parts from each adapter (lazily, now), in compute dtype: the
-    LoRA factors, or — where an adapter also saved the weight whole — its dense delta."""
+    LoRA factors, or — where an adapter also saved the weight whole — its dense delta.
+
+    Each module is read once, so the adapter files' mapped pages are released afterwards
+    — or, when ``views`` is given, the views read are added to it for the caller to
+    release together with its own."""
     dtype = COMPUTE_DTYPES[parameters.precision]
-    inputs = []
+    inputs, read = [], []
     for parts in contributions:
         if len(parts) == 1 and isinstance(parts[0], LoraModule):
-            inputs.append(read_factors(parts[0], dtype=dtype, device=device))
+            inputs.append(read_factors(parts[0], dtype, device, read))
             continue
         delta = torch.zeros(parts[0].delta_shape, dtype=dtype, device=device)
         for part in parts:
             if isinstance(part, LoraModule):
-                left, right = read_factors(part, dtype=dtype, device=device)
+                left, right = read_factors(part, dtype, device, read)
                 delta.addmm_(left, right)
             else:
-                delta += read_dense(part, dtype=dtype, device=device) - base.to(device, dtype)
+                delta += read_dense(part, dtype, device, read) - base.to(device, dtype)
         inputs.append(delta)
+    if views is None:
+        release_file_pages(*read)
+    else:
+        views += read
     return inputs
 
 

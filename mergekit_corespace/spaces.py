@@ -42,16 +42,20 @@ class MergedDelta:
     def to_dense(self) -> torch.Tensor:
         return self.dense if self.dense is not None else self.left @ self.right
 
-    def applied_to(self, weight: torch.Tensor, block_elements: int = 1 << 20) -> torch.Tensor:
-        """``weight + ΔW`` as a new tensor of ``weight``'s dtype.
+    def applied_to(
+        self, weight: torch.Tensor, out: torch.Tensor | None = None, block_elements: int = 1 << 20
+    ) -> torch.Tensor:
+        """``weight + ΔW`` as a new tensor of ``weight``'s dtype (written into ``out``, a
+        fresh tensor shaped like ``weight``, when given).
 
         The update runs in float64 for float64 weights and in float32 otherwise — its
         rounding (~√R·2⁻²⁴ of ΔW) stays below that of the output — one block of rows at a
         time, so the working copy stays in cache and no m×n temporary is allocated."""
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
         if weight.dim() < 2:
-            return (weight.to(compute) + self.to_dense().to(compute)).to(weight.dtype)
-        out = torch.empty_like(weight)
+            merged = (weight.to(compute) + self.to_dense().to(compute)).to(weight.dtype)
+            return merged if out is None else out.copy_(merged)
+        out = torch.empty_like(weight) if out is None else out
         rows = max(1, block_elements // max(1, weight.shape[1]))
         if self.dense is None:
             left, right = self.left.to(compute), self.right.to(compute)

@@ -13,7 +13,7 @@ from mergekit.graph import Task
 
 from mergekit_corespace.adapters import Contribution, DenseWeight, LoraModule
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.memory import release_file_pages
+from mergekit_corespace.memory import empty_like_huge, release_file_pages
 from mergekit_corespace.options import MergeParameters, Space
 from mergekit_corespace.pipeline import global_ties_thresholds, merge_factors, read_inputs
 from mergekit_corespace.spaces import MergedDelta
@@ -90,17 +90,23 @@ class WeightMergeTask(Task[torch.Tensor]):
                         f"a {part.delta_shape} delta but base weight {self.weight_name} is "
                         f"{tuple(base.shape)}"
                     )
-        delta = self.merged_delta(base.device, thresholds, base=base)
-        merged = delta.applied_to(base)
-        release_file_pages(base)  # read once; the shard's mapped pages need not stay resident
+        views = [base]
+        delta = self.merged_delta(base.device, thresholds, base=base, views=views)
+        merged = delta.applied_to(base, out=empty_like_huge(base))
+        release_file_pages(*views)  # each file read once: its mapped pages need not stay
         return merged
 
     def merged_delta(
-        self, device, thresholds: tuple | None = None, base: torch.Tensor | None = None
+        self,
+        device,
+        thresholds: tuple | None = None,
+        base: torch.Tensor | None = None,
+        views: list[torch.Tensor] | None = None,
     ) -> MergedDelta:
         """This weight's merged ΔW, factored where the space allows. ``base`` is only read
-        for weights some adapter saved whole (their delta is saved − base)."""
-        inputs = read_inputs(self.contributions, self.parameters, device=device, base=base)
+        for weights some adapter saved whole (their delta is saved − base); ``views`` as
+        for :func:`~mergekit_corespace.pipeline.read_inputs`."""
+        inputs = read_inputs(self.contributions, self.parameters, device, base, views)
         return merge_factors(
             inputs,
             self.weights,
