@@ -19,6 +19,7 @@ printed, and the page faults (minor/major) each phase took.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -85,7 +86,7 @@ def main() -> None:
             tensors, make_seconds, make_faults = timed(make)
             out = os.path.join(work, f"{label}.safetensors")
             os.sync()
-            _, write_seconds, write_faults = timed(lambda: save_file(tensors, out))
+            _, write_seconds, write_faults = timed(functools.partial(save_file, tensors, out))
             rows.setdefault(label, []).append(
                 (make_seconds, write_seconds, make_faults, write_faults)
             )
