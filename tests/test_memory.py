@@ -38,13 +38,3 @@ def test_memory_that_is_not_a_file_mapping_is_left_alone():
     copy = tensor.clone()
     assert release_file_pages(tensor, copy) == 0
     assert torch.equal(tensor, copy)
-
-
-def test_huge_page_buffer_is_an_ordinary_empty_like():
-    from mergekit_corespace.memory import empty_like_huge
-
-    like = torch.zeros(3000, 1500, dtype=torch.bfloat16)
-    out = empty_like_huge(like)
-    assert (out.shape, out.dtype, out.device) == (like.shape, like.dtype, like.device)
-    out.fill_(1.5)
-    assert float(out.float().sum()) == 1.5 * like.numel()

@@ -13,7 +13,7 @@ from mergekit.graph import Task
 
 from mergekit_corespace.adapters import Contribution, DenseWeight, LoraModule
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.memory import empty_like_huge, release_file_pages
+from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.options import MergeParameters, Space
 from mergekit_corespace.pipeline import global_ties_thresholds, merge_factors, read_inputs
 from mergekit_corespace.spaces import MergedDelta
@@ -92,7 +92,7 @@ class WeightMergeTask(Task[torch.Tensor]):
                     )
         views = [base]
         delta = self.merged_delta(base.device, thresholds, base=base, views=views)
-        merged = delta.applied_to(base, out=empty_like_huge(base))
+        merged = delta.applied_to(base)
         release_file_pages(*views)  # each file read once: its mapped pages need not stay
         return merged
 
