@@ -3,7 +3,7 @@ mergekit TIES on `base+adapter` references (which merges a model copy per adapte
 
     python bench/perf/e2e_bench.py [--preset 8b|1b|small | --small] [--work DIR]
                                    [--step all|default|shards|stock] [--repeat 2]
-                                   [--skip-stock] [--cold] [--cuda]
+                                   [--skip-stock] [--cold] [--settle 20] [--cuda]
 
 Builds (or reuses, in WORK) a Llama-architecture model at the preset's size with 6 PEFT
 adapters of rank 16 on q, k, v, o, gate, up, down (bench/perf/build.py). Every command is
@@ -19,6 +19,12 @@ written to disk (output plus --lora-merge-cache). Steps, each printing its own t
 - stock: mergekit's own TIES on base+adapter references. For the 8b preset it is not run
   (it would write 6 merged copies of the model, ~100 GB): its bytes are computed.
 
+Before each run the previous output is deleted, then the machine is left idle for
+``--settle`` seconds (default 20): on a VM that hands freed memory back to its host
+(virtio-balloon free page reporting), a run started at once writes into memory the host
+still backs, up to 10× faster than into memory it has taken back (write_bench.py
+measures this), so without the pause whichever run starts first would be favoured.
+
 The 8b preset's steps each fit in 10 minutes on 2 CPU cores; run them one by one.
 """
 
@@ -31,6 +37,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -83,12 +90,13 @@ def write_config(path: str, method: str, base: str, adapters: list[str]) -> str:
     return path
 
 
-def run(config: str, work: str, label: str, *options: str, cold: bool = False, keep=False):
+def run(config: str, work: str, label: str, *options: str, cold=False, settle=0.0, keep=False):
     """One fresh `mergekit-yaml` process: (measurement, bytes written, output path)."""
     out, cache = os.path.join(work, f"out-{label}"), os.path.join(work, f"cache-{label}")
     for previous in (out, cache):
         shutil.rmtree(previous, ignore_errors=True)
     os.sync()
+    time.sleep(settle)
     if cold:
         with open("/proc/sys/vm/drop_caches", "w") as handle:
             handle.write("3\n")
@@ -144,13 +152,14 @@ def print_table(title: str, rows: dict) -> None:
         )
 
 
-def alternate(configs: dict, work: str, repeat: int, cold: bool, *options: str) -> dict:
+def alternate(configs: dict, work: str, args, *options: str) -> dict:
     """Run each config ``repeat`` times, alternating, so that drift hits all alike."""
     runs = {}
-    for _ in range(repeat):
+    for _ in range(args.repeat):
         for method, config in configs.items():
             label = f"{method}{'-' + '-'.join(options).strip('-') if options else ''}"
-            runs.setdefault(method, []).append(run(config, work, label, *options, cold=cold))
+            measured = run(config, work, label, *options, cold=args.cold, settle=args.settle)
+            runs.setdefault(method, []).append(measured)
     return {method: median_row(measured) for method, measured in runs.items()}
 
 
@@ -171,6 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="drop the page cache before each run (root only)"
     )
+    parser.add_argument("--settle", type=float, default=20.0, help="idle seconds before each run")
     parser.add_argument("--cuda", action="store_true", help="also run core space with --cuda")
     args = parser.parse_args()
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="corespace-e2e-"))
@@ -185,12 +195,14 @@ def main() -> None:
     pair = {m: configs[m] for m in ("passthrough", "core_space")}
 
     if "default" in steps or "stock" in steps:
-        rows = alternate(pair, work, args.repeat, args.cold)
+        rows = alternate(pair, work, args)
         if "stock" in steps and not args.skip_stock:
             if args.preset == "8b":  # a merged model per adapter in the cache, plus the output
                 rows["ties"] = (None, None, (ADAPTERS + 1) * directory_bytes(base))
             else:
-                rows["ties"] = median_row([run(configs["ties"], work, "ties", cold=args.cold)])
+                rows["ties"] = median_row(
+                    [run(configs["ties"], work, "ties", cold=args.cold, settle=args.settle)]
+                )
         print_table(f"End to end: {model}, {ADAPTERS} adapters of rank 16", rows)
         if "ties" in rows and rows["ties"][0] is not None:
             print(
@@ -205,7 +217,7 @@ def main() -> None:
 
     if "shards" in steps:
         shard = SMALL_SHARDS[args.preset]
-        rows = alternate(pair, work, args.repeat, args.cold, "--out-shard-size", shard)
+        rows = alternate(pair, work, args, "--out-shard-size", shard)
         print_table(f"Output shards of {shard} bytes: {model}", rows)
         if args.preset != "8b":
             layers = PRESETS[args.preset]["num_hidden_layers"] // 2
@@ -214,7 +226,7 @@ def main() -> None:
                 m: write_config(os.path.join(work, f"{m}-half.yml"), m, half_base, half_adapters)
                 for m in ("passthrough", "core_space")
             }
-            rows = alternate(half, work, args.repeat, args.cold, "--out-shard-size", shard)
+            rows = alternate(half, work, args, "--out-shard-size", shard)
             size = directory_bytes(half_base) / 2**30
             print_table(f"Output shards of {shard} bytes: half depth ({size:.1f} GiB)", rows)
 
@@ -226,9 +238,10 @@ def cuda(configs: dict, base: str, work: str, args) -> None:
     """A GPU run of core space, and the CPU/GPU agreement of the merged deltas."""
     from safetensors.torch import load_file
 
-    floor = run(configs["passthrough"], work, "passthrough-cuda-floor", cold=args.cold)[0]
-    cpu = run(configs["core_space"], work, "core_space-cpu", cold=args.cold)[0]
-    measured = run(configs["core_space"], work, "core_space-cuda", "--cuda", cold=args.cold)[0]
+    before = dict(cold=args.cold, settle=args.settle)
+    floor = run(configs["passthrough"], work, "passthrough-cuda-floor", **before)[0]
+    cpu = run(configs["core_space"], work, "core_space-cpu", **before)[0]
+    measured = run(configs["core_space"], work, "core_space-cuda", "--cuda", **before)[0]
     print(
         f"\n--cuda: {measured.wall_s:.1f} s ({cpu.wall_s / measured.wall_s:.1f}× faster than "
         f"the CPU run's {cpu.wall_s:.1f} s), {measured.wall_s / floor.wall_s:.2f}× passthrough"
