@@ -40,6 +40,22 @@ def test_accuracy_bench_smoke(tmp_path):
     table = results.read_text()
     for row in ("zero-shot base", "individual adapters", "ta · core", "ties · knots"):
         assert row in table and row in out
+    assert "95 % percentile bootstrap" in table and "core vs" in table
+    # the page is rebuilt from the saved per-example predictions, identically
+    assert (tmp_path / "predictions.json").exists()
+    results.rename(tmp_path / "first.md")
+    _run("bench/accuracy/run.py", "--smoke", "--render", "--results", str(results))
+    assert results.read_text() == (tmp_path / "first.md").read_text()
+
+
+def test_accuracy_bench_smoke_headroom_setting(tmp_path):
+    results = tmp_path / "results.md"
+    _run("bench/accuracy/run.py", "--smoke", "--setting", "headroom", "--results", str(results))
+    table = results.read_text()
+    assert "(headroom setting)" in table and "`intermediate.dense`" in table
+    for row in ("zero-shot base", "individual adapters", "ties · core", "ties · full"):
+        assert row in table
+    assert "| ties | full space |" in table
 
 
 def test_task_splits_are_disjoint_deterministic_and_labelled():

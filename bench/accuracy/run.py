@@ -1,22 +1,28 @@
 """Offline accuracy benchmark: six text tasks, real LoRA adapters, every method and space.
 
-    python bench/accuracy/run.py --quick    # README demo: core-space TIES
-    python bench/accuracy/run.py            # every method × space, λ/density sweep
-    python bench/accuracy/run.py --smoke    # CI: tiny splits, one step per adapter
+    python bench/accuracy/run.py --quick               # README demo: core-space TIES
+    python bench/accuracy/run.py                       # every method × space, λ/density sweep
+    python bench/accuracy/run.py --setting headroom    # r=16 on every linear module, random heads
+    python bench/accuracy/run.py --coarse              # λ ∈ {0.5, 1, 2}, one density, no re-merge
+    python bench/accuracy/run.py --render              # tables + chart from saved predictions
+    python bench/accuracy/run.py --smoke               # CI: tiny splits, one step per adapter
 
 Trains (or reuses from the cache) one LoRA adapter per task on all-MiniLM-L6-v2, merges
 the six with `mergekit-yaml` for each (method, space), and scores each merged encoder on
-every task with fixed class-mean heads (benchmark.py). Hyper-parameters are picked on
-the validation split; the test split is only used for the reported numbers. Writes
-``results.md`` and ``normalized_accuracy.png`` next to this file (``results-quick.md``
-with ``--quick``).
+every task with fixed heads (benchmark.py). Hyper-parameters are picked on the validation
+split; the test split is only used for the reported numbers. Saves every scored encoder's
+per-example test outcomes (``predictions[-headroom].json``) and writes ``results[-headroom].md``
+and ``normalized_accuracy[-headroom].png`` next to this file, with 95 % bootstrap intervals
+and paired core-vs-full / core-vs-KnOTS tests (stats.py); ``-quick`` files with ``--quick``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import benchmark as bench  # noqa: E402
+import stats  # noqa: E402
 import torch  # noqa: E402
 from tasks import load_tasks  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -35,9 +42,22 @@ SPACES = ["core", "knots", "full"]
 LAMBDAS = [0.3, 0.5, 0.7, 1.0, 1.5, 2.0]
 DENSITIES = {"ties": [0.3, 0.7], "dare": [0.1, 0.5], "dare_ties": [0.1, 0.5]}
 FULL = dict(methods=METHODS, spaces=SPACES, lambdas=LAMBDAS, densities=DENSITIES)
+# --coarse: λ in factor-2 steps, one density per method (the paper's TIES top-k 70 %,
+# p 0.5 for DARE), the chosen candidate scored as merged (no mergekit-yaml re-merge):
+# about a third of the merges and scorings of FULL
+COARSE = dict(
+    methods=METHODS,
+    spaces=SPACES,
+    lambdas=[0.5, 1.0, 2.0],
+    densities={"ties": [0.7], "dare": [0.5], "dare_ties": [0.5]},
+    remerge=False,
+)
 # the demo sweeps λ only, at the paper's TIES density: under 10 minutes cold on 2 cores
 QUICK = dict(methods=["ties"], spaces=["core"], lambdas=[0.5, 1.0], densities={"ties": [0.7]})
-SMOKE = dict(methods=["ta", "ties"], spaces=["core", "knots"], lambdas=[1.0], densities={})
+SMOKE = dict(
+    methods=["ta", "ties"], spaces=["core", "knots"], lambdas=[1.0], densities={}, timing_repeats=1
+)
+SMOKE_HEADROOM = dict(SMOKE, methods=["ties"], spaces=["core", "full"], remerge=False)
 
 
 def candidates(method: str, plan: dict):
@@ -48,7 +68,10 @@ def candidates(method: str, plan: dict):
 
 
 class Scorer:
-    """Scores encoders on every task with the fixed heads; token batches made once."""
+    """Scores encoders on every task with the fixed heads; token batches made once.
+
+    Examples are batched in order of token length (less padding); predictions come
+    back in the split's own order, one 0/1 per example (1 = correct)."""
 
     def __init__(self, encoder: bench.Encoder, tasks, heads):
         self.tasks, self.heads, self.encoder = tasks, heads, encoder
@@ -59,51 +82,90 @@ class Scorer:
         }
 
     def _batches(self, examples, size: int = 64):
-        return [
-            (
-                self.encoder.tokens(t for t, _ in examples[i : i + size]),
-                torch.tensor([label for _, label in examples[i : i + size]]),
+        lengths = [len(ids) for ids in self.encoder.tokens(t for t, _ in examples)["input_ids"]]
+        order = sorted(range(len(examples)), key=lambda i: lengths[i])
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            tokens = self.encoder.tokenizer(
+                [examples[i][0] for i in chunk],
+                padding=True,
+                truncation=True,
+                max_length=bench.MAX_LENGTH,
+                return_tensors="pt",
             )
-            for i in range(0, len(examples), size)
-        ]
+            labels = torch.tensor([examples[i][1] for i in chunk])
+            batches.append((chunk, tokens, labels))
+        return batches
 
     @torch.no_grad()
-    def __call__(self, model, split: str, only: str | None = None) -> dict[str, float]:
+    def predictions(self, model, split: str, only: str | None = None) -> dict[str, list[int]]:
+        """Per task, 1 where the encoder's prediction is right, 0 where it is wrong."""
         encoder = bench.Encoder(model.eval(), self.encoder.tokenizer)
-        scores = {}
+        results = {}
         for task in self.tasks:
             if only is not None and task.name != only:
                 continue
-            correct = total = 0
-            for tokens, labels in self.splits[(task.name, split)]:
+            correct = [0] * len(getattr(task, split))
+            for chunk, tokens, labels in self.splits[(task.name, split)]:
                 predicted = (encoder.embed(tokens) @ self.heads[task.name].T).argmax(-1)
-                correct += int((predicted == labels).sum())
-                total += len(labels)
-            scores[task.name] = correct / total
-        return scores
+                for i, right in zip(chunk, (predicted == labels).tolist()):
+                    correct[i] = int(right)
+            results[task.name] = correct
+        return results
+
+    def __call__(self, model, split: str, only: str | None = None) -> dict[str, float]:
+        return {
+            name: sum(values) / len(values)
+            for name, values in self.predictions(model, split, only).items()
+        }
 
 
 def sweep_and_merge(method, space, adapters, scorer, plan, work):
     """Pick λ (and density) on validation with in-process merges, then merge the choice
-    with a real `mergekit-yaml` and score it on test. Returns (test scores, timings)."""
-    best, best_score = None, -1.0
+    with a real `mergekit-yaml` and score it on test. Returns (test predictions, timings).
+    With ``remerge`` off (``--coarse``), the chosen candidate's in-process merge is scored
+    as it is, and its merge time is the one reported."""
+    best, best_score, best_seconds = None, -1.0, 0.0
+    chosen = os.path.join(work, f"{method}-{space}")
     for parameters in candidates(method, plan):
         out = os.path.join(work, "candidate")
-        bench.merge_in_process(bench.merge_config(method, space, adapters, parameters), out)
+        config = bench.merge_config(method, space, adapters, parameters)
+        seconds = bench.merge_in_process(config, out)
         score = statistics.mean(scorer(load_merged(out), "validation").values())
         if score > best_score:
-            best, best_score = parameters, score
+            best, best_score, best_seconds = parameters, score, seconds
+            shutil.rmtree(chosen, ignore_errors=True)
+            os.replace(out, chosen)
+    if not plan.get("remerge", True):
+        return scorer.predictions(load_merged(chosen), "test"), (best, best_seconds, None)
     config = bench.merge_config(method, space, adapters, best)
-    out = os.path.join(work, f"{method}-{space}")
-    wall = bench.merge_with_mergekit_yaml(config, out, work)
-    merge_seconds = min(bench.merge_in_process(config, out + "-timing") for _ in range(2))
-    return scorer(load_merged(out), "test"), (best, merge_seconds, wall)
+    wall = bench.merge_with_mergekit_yaml(config, chosen, work)
+    repeats = plan.get("timing_repeats", 2)
+    merge_seconds = min(bench.merge_in_process(config, chosen + "-t") for _ in range(repeats))
+    return scorer.predictions(load_merged(chosen), "test"), (best, merge_seconds, wall)
 
 
 def load_merged(path: str):
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(path)
+
+
+def output_paths(args) -> dict[str, str]:
+    """results, predictions and chart files of this run (one set per setting and mode)."""
+    suffix = ("-quick" if args.quick else "") + (
+        f"-{args.setting}" if args.setting != "base" else ""
+    )
+    folder = HERE
+    results = args.results or os.path.join(HERE, f"results{suffix}.md")
+    if args.results:
+        folder = os.path.dirname(os.path.abspath(args.results))
+    return {
+        "results": results,
+        "predictions": args.predictions or os.path.join(folder, f"predictions{suffix}.json"),
+        "chart": os.path.join(folder, f"normalized_accuracy{suffix}.png"),
+    }
 
 
 def main() -> None:
@@ -114,6 +176,24 @@ def main() -> None:
         action="store_true",
         help="a CI smoke run: tiny splits, one training step, not cached",
     )
+    parser.add_argument(
+        "--setting",
+        choices=sorted(bench.SETTINGS),
+        default="base",
+        help="base: r=8 adapters on query/value, class-mean heads; headroom: r=16 adapters "
+        "on every linear module, random fixed heads (see README.md)",
+    )
+    parser.add_argument(
+        "--coarse",
+        action="store_true",
+        help="every method × space on a coarser sweep: λ ∈ {0.5, 1, 2}, one density, "
+        "no mergekit-yaml re-merge of the choice",
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="rebuild the results file and chart from the saved predictions; no model is run",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cache",
@@ -122,22 +202,35 @@ def main() -> None:
     parser.add_argument(
         "--results",
         default=None,
-        help="markdown output (default: results.md for the full run, "
-        "results-quick.md with --quick, a temporary file with --smoke)",
+        help="markdown output (default: results[-quick][-headroom].md next to this file; "
+        "with --smoke, a temporary file)",
+    )
+    parser.add_argument(
+        "--predictions",
+        default=None,
+        help="per-example test outcomes, JSON (default: predictions[-quick][-headroom].json "
+        "next to the results file)",
     )
     args = parser.parse_args()
+    if args.smoke and not args.results:
+        args.results = os.path.join(tempfile.mkdtemp(prefix="accuracy-smoke-"), "results.md")
+    paths = output_paths(args)
+    if args.render:
+        with open(paths["predictions"], encoding="utf-8") as handle:
+            saved = json.load(handle)
+        publish(saved, paths, chart=not (args.quick or args.smoke))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bench.use_setting(args.setting)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else COARSE if args.coarse else FULL
     sizes = {}
     if args.smoke:
-        plan, sizes = SMOKE, dict(train_size=32, validation_size=16, test_size=16)
+        plan = SMOKE_HEADROOM if args.setting == "headroom" else SMOKE
+        sizes = dict(train_size=32, validation_size=16, test_size=16)
         bench.TRAINING.update(epochs=1)
         args.cache = tempfile.mkdtemp(prefix="accuracy-smoke-")
-    if args.results is None:
-        name = "results-quick.md" if args.quick else "results.md"
-        args.results = os.path.join(args.cache if args.smoke else HERE, name)
 
     tasks = load_tasks(seed=args.seed, **sizes)
     base = bench.Encoder.load(bench.model_dir())
@@ -146,7 +239,9 @@ def main() -> None:
     if os.path.exists(heads_file):
         heads = torch.load(heads_file, weights_only=True)
     else:
-        heads = {task.name: bench.class_mean_head(base, task) for task in tqdm(tasks, desc="heads")}
+        heads = {
+            task.name: bench.fixed_head(base, task, args.seed) for task in tqdm(tasks, desc="heads")
+        }
         os.makedirs(cache, exist_ok=True)
         torch.save(heads, heads_file)
     scorer = Scorer(base, tasks, heads)
@@ -159,73 +254,258 @@ def main() -> None:
         adapters[task.name] = path
     print(f"adapters: {cache} ({f'trained in {trained:.0f} s' if trained else 'cached'})")
 
-    rows = {"zero-shot base (class-mean heads)": scorer(base.model, "test")}
-    individual = {}
+    rows = {ZERO_SHOT: {"predictions": scorer.predictions(base.model, "test")}}
+    individual, validation = {}, {}
     for task in tqdm(tasks, desc="individual adapters"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(
             bench.Encoder.load(bench.model_dir()).model, adapters[task.name]
         ).merge_and_unload()
-        individual.update(scorer(model, "test", only=task.name))
-    rows["individual adapters (own task)"] = individual
+        individual.update(scorer.predictions(model, "test", only=task.name))
+        validation.update(scorer(model, "validation", only=task.name))
+    rows[INDIVIDUAL] = {"predictions": individual}
+    # a check that training worked, on validation (test is only read for the tables)
+    zero_shot = scorer(base.model, "validation")
+    print(
+        "validation accuracy, zero-shot / own adapter: "
+        + ", ".join(f"{n} {zero_shot[n]:.3f} / {validation[n]:.3f}" for n in validation)
+    )
 
-    timings = {}
     with tempfile.TemporaryDirectory(prefix="accuracy-merges-") as work:
         for method, space in tqdm(
             list(itertools.product(plan["methods"], plan["spaces"])), desc="merges"
         ):
-            label = f"{method} · {space}"
-            merged = sweep_and_merge(method, space, adapters, scorer, plan, work)
-            rows[label], timings[label] = merged
+            predictions, (best, merge_seconds, wall) = sweep_and_merge(
+                method, space, adapters, scorer, plan, work
+            )
+            rows[f"{method} · {space}"] = {
+                "predictions": predictions,
+                "chosen": best,
+                "merge_seconds": round(merge_seconds, 3),
+                "mergekit_yaml_seconds": None if wall is None else round(wall, 2),
+            }
 
-    report = render(tasks, rows, individual, timings, plan, args, time.perf_counter() - started)
-    with open(args.results, "w", encoding="utf-8") as handle:
-        handle.write(report)
-    print(report)
-    if not (args.quick or args.smoke):
-        plot(
-            rows, individual, os.path.join(os.path.dirname(args.results), "normalized_accuracy.png")
-        )
-
-
-def normalized(scores: dict[str, float], individual: dict[str, float]) -> float:
-    return statistics.mean(scores[name] / individual[name] for name in individual)
-
-
-def render(tasks, rows, individual, timings, plan, args, seconds) -> str:
-    names = [task.name for task in tasks]
     mode = " --quick" if args.quick else " --smoke" if args.smoke else ""
+    mode += " --coarse" if args.coarse and not (args.quick or args.smoke) else ""
+    setting = f" --setting {args.setting}" if args.setting != "base" else ""
+    saved = {
+        "command": f"python bench/accuracy/run.py{mode}{setting}",
+        "setting": args.setting,
+        "seed": args.seed,
+        "date": time.strftime("%Y-%m-%d"),
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "adapters_trained_seconds": round(trained),
+        "lora": bench.LORA,
+        "training": bench.TRAINING,
+        "heads": bench.HEADS,
+        "plan": plan,
+        "tasks": [task.name for task in tasks],
+        # per encoder and task, one character per test example: 1 right, 0 wrong
+        "rows": {
+            label: {
+                **row,
+                "predictions": {
+                    name: "".join(map(str, values)) for name, values in row["predictions"].items()
+                },
+            }
+            for label, row in rows.items()
+        },
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(paths["predictions"])), exist_ok=True)
+    with open(paths["predictions"], "w", encoding="utf-8") as handle:
+        json.dump(saved, handle, indent=1)
+        handle.write("\n")
+    publish(saved, paths, chart=not (args.quick or args.smoke))
+
+
+ZERO_SHOT = "zero-shot base (fixed heads)"
+INDIVIDUAL = "individual adapters (own task)"
+SPACE_NAMES = {"core": "core space", "knots": "KnOTS", "full": "full space"}
+
+
+def decode(saved: dict) -> dict[str, dict[str, list[int]]]:
+    """Per encoder, per task, the saved 0/1 outcomes as lists."""
+    return {
+        label: {name: [int(c) for c in text] for name, text in row["predictions"].items()}
+        for label, row in saved["rows"].items()
+    }
+
+
+def summary(saved: dict) -> dict:
+    """Point figures, 95 % intervals and paired tests (core vs full, core vs KnOTS)."""
+    outcomes = decode(saved)
+    individual = outcomes[INDIVIDUAL]
+    boot = stats.Bootstrap({name: len(values) for name, values in individual.items()})
+    figures, replicates = {}, {}
+    for label, predictions in outcomes.items():
+        tasks = boot.task_accuracies(predictions)
+        replicates[label] = boot.normalized(predictions, individual)
+        figures[label] = {
+            "tasks": {
+                name: (stats.accuracy(values), stats.interval(tasks[name]))
+                for name, values in predictions.items()
+            },
+            "average": (stats.average(predictions), stats.interval(boot.average(predictions))),
+            "normalized": (
+                stats.normalized(predictions, individual),
+                stats.interval(replicates[label]),
+            ),
+        }
+    comparisons = []
+    for method in methods_of(outcomes):
+        for other in ("full", "knots"):
+            first, second = f"{method} · core", f"{method} · {other}"
+            if first not in outcomes or second not in outcomes:
+                continue
+            difference = figures[first]["normalized"][0] - figures[second]["normalized"][0]
+            differences = replicates[first] - replicates[second]
+            a, b = stats.pooled(outcomes[first]), stats.pooled(outcomes[second])
+            comparisons.append(
+                {
+                    "method": method,
+                    "other": other,
+                    "difference": difference,
+                    "interval": stats.interval(differences),
+                    "bootstrap_p": stats.paired_p_value(difference, differences),
+                    "mcnemar_p": stats.mcnemar_p_value(a, b),
+                    "disagreements": sum(x != y for x, y in zip(a, b)),
+                }
+            )
+    adjusted = stats.holm([c["bootstrap_p"] for c in comparisons])
+    for comparison, holm_p in zip(comparisons, adjusted):
+        comparison["holm_p"] = holm_p
+    return {"figures": figures, "comparisons": comparisons}
+
+
+def methods_of(rows) -> list[str]:
+    return list(dict.fromkeys(label.split(" · ")[0] for label in rows if " · " in label))
+
+
+def _ci(point_interval: tuple[float, tuple[float, float]]) -> str:
+    point, (low, high) = point_interval
+    return f"{point:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def render(saved: dict, result: dict) -> str:
+    names, figures = saved["tasks"], result["figures"]
+    plan, lora, training = saved["plan"], saved["lora"], saved["training"]
+    heads = {
+        "class-mean": "class-mean heads of the base encoder",
+        "random": "random orthonormal class vectors (the base encoder is at chance)",
+    }[saved["heads"]]
+    modules = ", ".join(f"`{m}`" for m in lora["target_modules"])
     lines = [
-        "# Accuracy: six text tasks, all-MiniLM-L6-v2, six LoRA adapters merged",
+        f"# Accuracy ({saved['setting']} setting): six text tasks, all-MiniLM-L6-v2, "
+        "six LoRA adapters merged",
         "",
-        f"Command: `python bench/accuracy/run.py{mode}` (seed {args.seed}), "
-        f"{time.strftime('%Y-%m-%d')}; {seconds / 60:.1f} min on {os.cpu_count()} CPUs "
-        f"({torch.get_num_threads()} torch threads).",
-        "Test accuracy with fixed class-mean heads; normalized = merged / own adapter, "
-        "averaged over tasks. λ (and density) chosen on the validation split from "
+        f"Command: `{saved['command']}` (seed {saved['seed']}), {saved['date']}; "
+        f"{saved['minutes']:.1f} min on {saved['cpus']} CPUs "
+        f"({saved['torch_threads']} torch threads). Adapters: r = {lora['r']}, "
+        f"α = {lora['lora_alpha']} on {modules}; {training['epochs']} epochs, "
+        f"lr {training['learning_rate']}, batch {training['batch_size']}. Heads: {heads}.",
+        "Test accuracy with the fixed heads; normalized = merged / own adapter, averaged over "
+        "tasks. λ (and density) chosen on the validation split from "
         f"λ ∈ {plan['lambdas']}, density ∈ {plan['densities']}.",
+        f"Brackets: 95 % percentile bootstrap intervals over test examples ({stats.RESAMPLES} "
+        f"resamples, seed {stats.SEED}, stratified by task; the normalized figure resamples the "
+        "own adapters' outcomes on the same examples). Per-example outcomes are in the "
+        "predictions JSON next to this file; `--render` rebuilds this page and the chart "
+        "from it.",
         "",
-        "| encoder | "
-        + " | ".join(names)
-        + " | average | normalized | chosen | merge (in-process / mergekit-yaml) |",
-        "|---|" + "---|" * (len(names) + 4),
+        "| encoder | average | normalized | chosen | merge (in-process / mergekit-yaml) |",
+        "|---|---|---|---|---|",
     ]
-    for label, scores in rows.items():
+    for label, row in saved["rows"].items():
         chosen, timing = "", ""
-        if label in timings:
-            best, merge_seconds, wall = timings[label]
-            chosen = ", ".join(f"{k} {v}" for k, v in best.items())
-            timing = f"{merge_seconds:.2f} s / {wall:.1f} s"
-        cells = " | ".join(f"{scores[n]:.3f}" for n in names)
+        if "chosen" in row:
+            chosen = ", ".join(f"{k} {v}" for k, v in row["chosen"].items())
+            wall = row["mergekit_yaml_seconds"]
+            timing = f"{row['merge_seconds']:.2f} s / " + ("—" if wall is None else f"{wall:.1f} s")
         lines.append(
-            f"| {label} | {cells} | {statistics.mean(scores.values()):.3f} | "
-            f"{normalized(scores, individual):.3f} | {chosen} | {timing} |"
+            f"| {label} | {_ci(figures[label]['average'])} | "
+            f"{_ci(figures[label]['normalized'])} | {chosen} | {timing} |"
         )
+    lines += [
+        "",
+        "## Per task (test accuracy, 95 % interval)",
+        "",
+        "| encoder | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for label in saved["rows"]:
+        cells = " | ".join(_ci(figures[label]["tasks"][name]) for name in names)
+        lines.append(f"| {label} | {cells} |")
+    comparisons = result["comparisons"]
+    if comparisons:
+        lines += [
+            "",
+            "## Core space against full space and KnOTS, same inner method",
+            "",
+            "Difference of normalized accuracy (core − other) on the same test examples, its "
+            "95 % paired-bootstrap interval and two-sided p-value, the p-value Holm-adjusted "
+            f"over the {len(comparisons)} comparisons of this page, the exact McNemar p-value "
+            "on the pooled test examples (average accuracy), and the number of test examples "
+            "on which the two encoders' outcomes differ.",
+            "",
+            "| method | core vs | difference | 95 % interval | p (bootstrap) | p (Holm) "
+            "| p (McNemar) | disagreements |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            low, high = c["interval"]
+            lines.append(
+                f"| {c['method']} | {SPACE_NAMES[c['other']]} | {c['difference']:+.3f} | "
+                f"[{low:+.3f}, {high:+.3f}] | {_p(c['bootstrap_p'])} | {_p(c['holm_p'])} | "
+                f"{_p(c['mcnemar_p'])} | {c['disagreements']} |"
+            )
+        lines += ["", closing_note(comparisons)]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, individual, path: str) -> None:
+def closing_note(comparisons: list[dict]) -> str:
+    """Which core-vs-other differences are significant at 5 % (paired bootstrap)."""
+
+    def listed(items) -> str:
+        return (
+            ", ".join(
+                f"{c['method']} core vs {SPACE_NAMES[c['other']]} ({c['difference']:+.3f}, "
+                f"p {_p(c['bootstrap_p'])})"
+                for c in items
+            )
+            or "none"
+        )
+
+    significant = [c for c in comparisons if c["bootstrap_p"] < 0.05]
+    after_holm = [c for c in significant if c["holm_p"] < 0.05]
+    different = [c for c in comparisons if c["bootstrap_p"] >= 0.05 and c["disagreements"]]
+    identical = [c for c in comparisons if not c["disagreements"]]
+    same = ", ".join(f"{c['method']} core vs {SPACE_NAMES[c['other']]}" for c in identical)
+    return (
+        f"**Significant at 5 %** (paired bootstrap, unadjusted): {listed(significant)}; "
+        f"still significant after Holm's adjustment: {listed(after_holm)}. "
+        f"**Not significant at 5 %**: {listed(different)}. "
+        f"**Same outcome on every test example** (p = 1): {same or 'none'}."
+    )
+
+
+def publish(saved: dict, paths: dict[str, str], chart: bool) -> None:
+    result = summary(saved)
+    report = render(saved, result)
+    with open(paths["results"], "w", encoding="utf-8") as handle:
+        handle.write(report)
+    print(report)
+    if chart:
+        plot(saved, result, paths["chart"])
+
+
+def plot(saved: dict, result: dict, path: str) -> None:
     try:
         import matplotlib
 
@@ -234,27 +514,38 @@ def plot(rows, individual, path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
         return
+    figures = result["figures"]
+    methods = methods_of(figures)
     width = 0.27
     figure, axis = plt.subplots(figsize=(11, 4))
+    lows = []
     for offset, space in enumerate(SPACES):
-        values = [normalized(rows[f"{m} · {space}"], individual) for m in METHODS]
+        points = [figures[f"{m} · {space}"]["normalized"] for m in methods]
+        errors = [
+            [point - low for point, (low, _) in points],
+            [high - point for point, (_, high) in points],
+        ]
+        lows += [low for _, (low, _) in points]
         axis.bar(
-            [i + (offset - 1) * width for i in range(len(METHODS))],
-            values,
+            [i + (offset - 1) * width for i in range(len(methods))],
+            [point for point, _ in points],
             width,
-            label={"core": "core space", "knots": "KnOTS", "full": "full space"}[space],
+            yerr=errors,
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+            label=SPACE_NAMES[space],
         )
-    axis.axhline(
-        normalized(rows["zero-shot base (class-mean heads)"], individual),
-        color="grey",
-        linestyle="--",
-        label="zero-shot base",
-    )
-    axis.set_xticks(range(len(METHODS)), METHODS)
+    zero, (zero_low, zero_high) = figures[ZERO_SHOT]["normalized"]
+    axis.axhline(zero, color="grey", linestyle="--", label="zero-shot base")
+    axis.axhspan(zero_low, zero_high, color="grey", alpha=0.15)
+    axis.set_xticks(range(len(methods)), methods)
     axis.set_ylabel("normalized accuracy (merged / own adapter)")
-    values = [normalized(scores, individual) for scores in rows.values()]
-    axis.set_ylim(min(values) - 0.02, 1.005)
-    axis.legend(ncols=4, loc="upper right")
+    axis.set_title(
+        f"{saved['setting']} setting: normalized test accuracy with 95 % bootstrap intervals",
+        fontsize=10,
+    )
+    axis.set_ylim(min([*lows, zero_low]) - 0.02, 1.02)
+    axis.legend(ncols=4, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"chart: {path}")
