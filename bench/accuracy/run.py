@@ -407,7 +407,7 @@ def render(saved: dict, result: dict) -> str:
         "",
         f"Command: `{saved['command']}` (seed {saved['seed']}), {saved['date']}; "
         f"{saved['minutes']:.1f} min on {saved['cpus']} CPUs "
-        f"({saved['torch_threads']} torch threads). Adapters: r = {lora['r']}, "
+        f"({saved['torch_threads']} torch thread{'s' if saved['torch_threads'] != 1 else ''}). Adapters: r = {lora['r']}, "
         f"α = {lora['lora_alpha']} on {modules}; {training['epochs']} epochs, "
         f"lr {training['learning_rate']}, batch {training['batch_size']}. Heads: {heads}.",
         "Test accuracy with the fixed heads; normalized = merged / own adapter, averaged over "
