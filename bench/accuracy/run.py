@@ -401,13 +401,14 @@ def render(saved: dict, result: dict) -> str:
         "random": "random orthonormal class vectors (the base encoder is at chance)",
     }[saved["heads"]]
     modules = ", ".join(f"`{m}`" for m in lora["target_modules"])
+    threads = saved["torch_threads"]
     lines = [
         f"# Accuracy ({saved['setting']} setting): six text tasks, all-MiniLM-L6-v2, "
         "six LoRA adapters merged",
         "",
         f"Command: `{saved['command']}` (seed {saved['seed']}), {saved['date']}; "
         f"{saved['minutes']:.1f} min on {saved['cpus']} CPUs "
-        f"({saved['torch_threads']} torch thread{'s' if saved['torch_threads'] != 1 else ''}). Adapters: r = {lora['r']}, "
+        f"({threads} torch thread{'s' if threads != 1 else ''}). Adapters: r = {lora['r']}, "
         f"α = {lora['lora_alpha']} on {modules}; {training['epochs']} epochs, "
         f"lr {training['learning_rate']}, batch {training['batch_size']}. Heads: {heads}.",
         "Test accuracy with the fixed heads; normalized = merged / own adapter, averaged over "
