@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Test processes side by side (pytest -n): one torch thread in each, and in the merges
+    # they start, or OpenMP workers of several processes fight over the cores (a merge of
+    # 4.8 s took 31.5 s beside one other busy process on 2 cores).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from mergekit_corespace import toy
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,7 +37,11 @@ def run_in_process(config_text: str, out: str | os.PathLike, **options) -> dict[
 
 
 def run_cli(args: list[str], cwd=None, env=None, script: str = "mergekit-yaml"):
-    """Run a console script in a subprocess; returns the CompletedProcess."""
+    """Run a console script in a subprocess; returns the CompletedProcess.
+
+    For what only a new interpreter shows: the installed script itself, the ``.pth`` hook,
+    ``-j`` (torch's inter-op threads are set once per process), signals, and environment
+    variables that libraries read at import (``HF_HUB_OFFLINE``, ``PYTHONHASHSEED``)."""
     return subprocess.run(
         [str(BIN / script), *args],
         cwd=cwd,
@@ -42,6 +50,81 @@ def run_cli(args: list[str], cwd=None, env=None, script: str = "mergekit-yaml"):
         text=True,
         timeout=600,
     )
+
+
+def _click_command(script: str):
+    """The click command behind a console script."""
+    if script == "mergekit-yaml":
+        from mergekit.scripts.run_yaml import main
+
+        return main
+    if script == "mergekit-corespace-lora":
+        from mergekit_corespace.cli import _lora_command
+
+        return _lora_command()
+    raise ValueError(f"no in-process runner for {script}: use run_cli")
+
+
+class _LogToCurrentStderr(logging.StreamHandler):
+    """Log records to whatever ``sys.stderr`` is when they are emitted, formatted as the
+    scripts' ``logging.basicConfig`` formats them."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def invoke_cli(args: list[str], cwd=None, env=None, script: str = "mergekit-yaml"):
+    """``run_cli`` without a new interpreter (which costs seconds of imports): the console
+    script's own click command runs here, with the same arguments, exit code, stdout and
+    stderr — log records included, and an unexpected exception's traceback, so that
+    "one line, no traceback" assertions keep their meaning."""
+    from click.testing import CliRunner
+
+    if {"-j", "--num-threads"} & set(args):
+        raise ValueError("-j sets torch's inter-op threads once per process: use run_cli")
+    handler = _LogToCurrentStderr()
+    logging.getLogger().addHandler(handler)
+    previous = os.getcwd()
+    try:
+        os.chdir(cwd or previous)
+        result = CliRunner(env=env).invoke(_click_command(script), args, prog_name=script)
+    finally:
+        os.chdir(previous)
+        logging.getLogger().removeHandler(handler)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess([script, *args], result.exit_code, result.stdout, stderr)
+
+
+def run_cli_batch(runs: list[tuple[str, list[str]]], env=None):
+    """Several ``(script, args)`` invocations in one new interpreter with ``env``, one after
+    another (``invoke_cli`` there): for runs that need environment variables read at
+    import, paying the interpreter's start-up once."""
+    with tempfile.TemporaryDirectory() as work:
+        jobs, results = Path(work, "runs.json"), Path(work, "results.json")
+        jobs.write_text(json.dumps(runs))
+        done = subprocess.run(
+            [sys.executable, __file__, str(jobs), str(results)],
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0 and results.exists(), done.stderr[-3000:]
+        return [
+            subprocess.CompletedProcess([script, *args], code, stdout, stderr)
+            for (script, args), (code, stdout, stderr) in zip(runs, json.loads(results.read_text()))
+        ]
 
 
 def load_model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -122,3 +205,12 @@ def merge_yaml(
         f"merge_method: {merge_method}\nbase_model: {base_model or base}\nmodels:\n{models}"
         f"parameters: {parameters}\n"
     )
+
+
+if __name__ == "__main__":  # run_cli_batch's interpreter
+    runs = json.loads(Path(sys.argv[1]).read_text())
+    results = []
+    for script, args in runs:
+        done = invoke_cli(args, script=script)
+        results.append((done.returncode, done.stdout, done.stderr))
+    Path(sys.argv[2]).write_text(json.dumps(results))

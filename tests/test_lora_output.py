@@ -4,7 +4,14 @@ import os
 
 import pytest
 import torch
-from helpers import load_model_tensors, merge_yaml, relative_error, run_cli, run_in_process
+from helpers import (
+    invoke_cli,
+    load_model_tensors,
+    merge_yaml,
+    relative_error,
+    run_cli,
+    run_in_process,
+)
 from safetensors import safe_open
 
 from mergekit_corespace import merge_adapters, toy
@@ -39,7 +46,7 @@ def test_exact_adapter_reproduces_the_merged_model(llama32, tmp_path, merge_meth
     config = tmp_path / "merge.yml"
     config.write_text(text)
     merged_model = run_in_process(text, tmp_path / "model")
-    done = run_cli(
+    done = invoke_cli(
         [str(config), str(tmp_path / "lora"), "--random-seed", "0"],
         script="mergekit-corespace-lora",
     )
@@ -153,14 +160,14 @@ def test_truncated_adapter_through_the_cli_reports_its_error(llama32, tmp_path):
     root, base, adapters = llama32
     config = tmp_path / "merge.yml"
     config.write_text(_yaml(base, adapters, "core_space", "{merge: ta}"))
-    done = run_cli(
+    done = invoke_cli(
         [str(config), str(tmp_path / "lora"), "--rank", "3"], script="mergekit-corespace-lora"
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank 3;" in done.stderr
     with safe_open(tmp_path / "lora" / "adapter_model.safetensors", "pt") as handle:
         assert all(3 in handle.get_slice(k).get_shape() for k in handle.keys())
-    bad = run_cli(
+    bad = invoke_cli(
         [str(config), str(tmp_path / "x"), "--rank", "zero"], script="mergekit-corespace-lora"
     )
     assert bad.returncode == 2 and "neither 'exact' nor an integer" in bad.stderr
@@ -173,7 +180,7 @@ def test_merged_adapter_is_byte_identical_across_runs(llama32, tmp_path):
     config = tmp_path / "merge.yml"
     config.write_text(_yaml(base, adapters, "core_space", "{merge: dare_ties, density: 0.5}"))
     outputs = []
-    for hash_seed in ("1", "2"):
+    for hash_seed in ("1", "2"):  # new interpreters: the hash seed is fixed at start
         out = tmp_path / f"lora-{hash_seed}"
         done = run_cli(
             [str(config), str(out), "--random-seed", "4"],

@@ -1,10 +1,12 @@
-"""Every inner method in every space through a real `mergekit-yaml`, and reproducibility."""
+"""Every inner method in every space through `mergekit-yaml`'s own command (in process;
+tests/test_mergekit_yaml.py runs the installed script), and reproducibility across
+processes and thread counts."""
 
 import hashlib
 
 import pytest
 import torch
-from helpers import load_model_tensors, peft_factors, relative_error, run_cli
+from helpers import invoke_cli, load_model_tensors, peft_factors, relative_error, run_cli
 
 from mergekit_corespace.options import MergeParameters
 from mergekit_corespace.pipeline import merge_factors, module_seed
@@ -27,18 +29,9 @@ def _config(root, base, adapters, merge_method, parameters):
     return path
 
 
-def _merge(config, out, *options):
-    done = run_cli(
-        [
-            str(config),
-            str(out),
-            "--no-copy-tokenizer",
-            "--no-write-model-card",
-            "--random-seed",
-            "7",
-            *options,
-        ]
-    )
+def _merge(config, out, *options, seed="7", run=invoke_cli):
+    args = [str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card"]
+    done = run([*args, "--random-seed", seed, *options])
     assert done.returncode == 0, done.stderr[-3000:]
     return load_model_tensors(out)
 
@@ -130,20 +123,10 @@ def test_same_yaml_and_seed_give_identical_bytes_across_runs_and_thread_counts(
 ):
     root, base, adapters = llama32
     config = _config(root, base, adapters, merge_method, {"merge": "dare_ties", "density": 0.5})
-    _merge(config, tmp_path / "one", "-j", "1")
-    _merge(config, tmp_path / "two", "-j", "2")
-    _merge(config, tmp_path / "again", "-j", "2")
-    assert _digest(tmp_path / "one") == _digest(tmp_path / "two") == _digest(tmp_path / "again")
+    for threads in "12":  # new interpreters: -j holds for a whole process
+        _merge(config, tmp_path / threads, "-j", threads, run=run_cli)
+    _merge(config, tmp_path / "again")
+    assert _digest(tmp_path / "1") == _digest(tmp_path / "2") == _digest(tmp_path / "again")
 
-    other_seed = run_cli(
-        [
-            str(config),
-            str(tmp_path / "seed8"),
-            "--no-copy-tokenizer",
-            "--no-write-model-card",
-            "--random-seed",
-            "8",
-        ]
-    )
-    assert other_seed.returncode == 0
-    assert _digest(tmp_path / "seed8") != _digest(tmp_path / "one")
+    _merge(config, tmp_path / "seed8", seed="8")
+    assert _digest(tmp_path / "seed8") != _digest(tmp_path / "1")

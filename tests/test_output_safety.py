@@ -1,7 +1,9 @@
 """Killed runs, full disks and concurrent runs: nothing lost, nothing left behind.
 
-Each case runs real processes: `mergekit-yaml` and `mergekit-corespace-lora`, some with
-safetensors' writer made faulty (tests/faulty_disk.py), some on a small tmpfs."""
+The merges that are killed, blocked or made to fail run as real processes of
+`mergekit-yaml` and `mergekit-corespace-lora` with safetensors' writer made faulty
+(tests/faulty_disk.py); the runs beside them (reruns, rivals, references, small tmpfs
+disks) run the same commands in process."""
 
 import json
 import os
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import merge_yaml, run_cli, run_in_process
+from helpers import invoke_cli, merge_yaml, run_in_process
 
 from mergekit_corespace.errors import CoreSpaceError
 
@@ -90,12 +92,12 @@ def test_sigkill_while_writing_then_a_rerun_removes_the_stale_staging(llama32, t
     )
     assert not out.exists()
 
-    rerun = run_cli(_args(config, out, script), script=script)
+    rerun = invoke_cli(_args(config, out, script), script=script)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "removed 1 staging directory left by merges that are no longer running" in rerun.stderr
     assert f"pid {killed.pid}" in rerun.stderr
     assert _leftovers(tmp_path) == []
-    reference = run_cli(_args(config, tmp_path / "reference", script), script=script)
+    reference = invoke_cli(_args(config, tmp_path / "reference", script), script=script)
     assert reference.returncode == 0
     assert _output_files(out) == _output_files(tmp_path / "reference")
 
@@ -120,7 +122,7 @@ def test_staging_is_removed_only_when_its_owner_is_gone(llama32, tmp_path):
         (holder / "out").mkdir(parents=True)
         (holder / "owner.json").write_text(json.dumps(record))
     try:
-        done = run_cli(_args(config, out, "mergekit-yaml"))
+        done = invoke_cli(_args(config, out, "mergekit-yaml"))
     finally:
         alive.kill()
     assert done.returncode == 0, done.stderr[-3000:]
@@ -153,7 +155,7 @@ def test_a_second_run_on_the_same_output_stops_at_once(llama32, tmp_path, second
     )
     _wait_for(ready, first)
     started = time.monotonic()
-    rival = run_cli(_args(second_config, out, second), script=second)
+    rival = invoke_cli(_args(second_config, out, second), script=second)
     assert rival.returncode != 0
     line = _one_error_line(rival.stderr)
     assert f"{out}: another merge is writing it (pid {first.pid} on " in line, line
@@ -161,7 +163,7 @@ def test_a_second_run_on_the_same_output_stops_at_once(llama32, tmp_path, second
     go.touch()
     assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
     assert _leftovers(tmp_path) == []
-    reference = run_cli(_args(first_config, tmp_path / "reference", "mergekit-yaml"))
+    reference = invoke_cli(_args(first_config, tmp_path / "reference", "mergekit-yaml"))
     assert reference.returncode == 0
     assert _output_files(out) == _output_files(tmp_path / "reference")
 
@@ -170,7 +172,7 @@ def test_a_second_run_on_the_same_output_stops_at_once(llama32, tmp_path, second
 def test_no_space_while_writing_is_one_line_and_the_old_output_stays(llama32, tmp_path, script):
     root, base, adapters = llama32
     config, out = _config(tmp_path, base, adapters), tmp_path / "out"
-    previous = run_cli(_args(_config(tmp_path, base, adapters[:1]), out, script), script=script)
+    previous = invoke_cli(_args(_config(tmp_path, base, adapters[:1]), out, script), script=script)
     assert previous.returncode == 0
     before = _contents(out)
     failed = _start_faulty(config, out, script, "enospc", tmp_path)
@@ -217,7 +219,7 @@ def test_a_really_full_disk_while_writing_is_one_line(llama32, tmp_path, small_d
     disk = small_disk("64m", inodes=12)
     out = disk / "out"
     config = _config(tmp_path, base, adapters)
-    done = run_cli(_args(config, out, "mergekit-yaml", "--out-shard-size", "20K"))
+    done = invoke_cli(_args(config, out, "mergekit-yaml", "--out-shard-size", "20K"))
     assert done.returncode != 0
     line = _one_error_line(done.stderr)
     assert f"Error: {out}: no space left on device while writing the merge (" in line, line
@@ -230,7 +232,7 @@ def test_free_space_is_checked_before_anything_is_written(llama32, tmp_path, sma
     root, base, adapters = llama32
     disk = small_disk("64k")
     out = disk / "out"
-    done = run_cli(_args(_config(tmp_path, base, adapters), out, script), script=script)
+    done = invoke_cli(_args(_config(tmp_path, base, adapters), out, script), script=script)
     assert done.returncode != 0
     line = _one_error_line(done.stderr)
     assert f"Error: {out}: the merge needs about " in line and f"but {disk} has " in line, line

@@ -6,9 +6,10 @@ import subprocess
 import sys
 import sysconfig
 import venv
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from helpers import load_model_tensors, run_cli
+from helpers import BIN, load_model_tensors
 
 from mergekit_corespace import toy
 
@@ -21,6 +22,21 @@ WITHOUT_PTH_HOOK = (
 
 def python(code: str, executable: str = sys.executable) -> subprocess.CompletedProcess:
     return subprocess.run([executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def concurrently(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run new interpreters side by side: each spends seconds importing, on one core.
+    One torch thread each, or OpenMP workers of several processes fight over the cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(
+            pool.map(
+                lambda command: subprocess.run(
+                    command, env=env, capture_output=True, text=True, timeout=300
+                ),
+                commands,
+            )
+        )
 
 
 def test_registry_knows_core_space_in_a_fresh_interpreter():
@@ -43,9 +59,43 @@ def test_interpreter_start_imports_neither_torch_nor_mergekit():
     assert finders[0] == "_PostImportFinder"
 
 
+# One new interpreter per entry module, forked from a parent that has imported only what
+# mergekit depends on (torch, transformers, peft: most of a start-up's seconds) and no
+# mergekit module, so each child still meets mergekit and the hook for the first time.
+FORKED_IMPORTS = """
+import json, os, sys, traceback, warnings
+import torch, transformers, peft
+assert not [m for m in sys.modules if m.split(".")[0] == "mergekit" or ".glue" in m]
+failures = {}
+for first in sys.argv[1:]:
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.close(read)
+        try:
+            warnings.simplefilter("error", RuntimeWarning)
+            __import__(first)
+            import mergekit.merge as m
+            from mergekit.merge_methods import get
+            get("core_space")
+            assert m.run_merge.__corespace__
+            message = ""
+        except BaseException:
+            message = traceback.format_exc()
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    os.wait()
+    if message:
+        failures[first] = message
+print(json.dumps(failures))
+"""
+
+
 def test_every_mergekit_entry_module_attaches_the_plugin():
     """Whatever mergekit module a program imports first, the hooks attach without warnings."""
-    for first in (
+    firsts = (
         "mergekit.merge",
         "mergekit.plan",
         "mergekit.scripts.run_yaml",
@@ -55,22 +105,15 @@ def test_every_mergekit_entry_module_attaches_the_plugin():
         "mergekit_corespace.glue.registration",
         "mergekit_corespace.glue.run",
         "mergekit_corespace.api",
-    ):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-W",
-                "error::RuntimeWarning",
-                "-c",
-                f"import {first}; import mergekit.merge as m; "
-                "from mergekit.merge_methods import get;"
-                " get('core_space'); assert m.run_merge.__corespace__",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, (first, done.stderr[-2000:])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED_IMPORTS, *firsts],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {}
 
 
 def test_console_script_registers_where_pth_files_are_skipped(tmp_path):
@@ -81,15 +124,24 @@ def test_console_script_registers_where_pth_files_are_skipped(tmp_path):
         f"merge_method: core_space\nbase_model: {base}\nmodels:\n  - model: {base}+{adapter}\n"
     )
     args = [str(config), str(tmp_path / "out"), "--no-copy-tokenizer", "--no-write-model-card"]
-    stock = python(WITHOUT_PTH_HOOK + "import mergekit.merge_methods as m; m.get('core_space')")
-    assert "Unimplemented merge method core_space" in stock.stderr
-    ours = python(
-        WITHOUT_PTH_HOOK + f"sys.argv = ['mergekit-corespace', *{args!r}]; "
-        "from mergekit_corespace.cli import main; main()"
+    stock, ours, help_text = concurrently(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_PTH_HOOK + "import mergekit.merge_methods as m; m.get('core_space')",
+        ],
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_PTH_HOOK + f"sys.argv = ['mergekit-corespace', *{args!r}]; "
+            "from mergekit_corespace.cli import main; main()",
+        ],
+        [str(BIN / "mergekit-corespace"), "--help"],
     )
+    assert "Unimplemented merge method core_space" in stock.stderr
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert load_model_tensors(tmp_path / "out")
-    assert "--lora-merge-cache" in run_cli(["--help"], script="mergekit-corespace").stdout
+    assert "--lora-merge-cache" in help_text.stdout
 
 
 def test_wheel_carries_the_hook_into_a_fresh_venv(tmp_path):
