@@ -21,9 +21,11 @@ from mergekit_corespace.glue.run import ValidatedRun, validate_run
 from mergekit_corespace.glue.staging import claimed_output
 from mergekit_corespace.glue.tasks import WeightMergeTask
 from mergekit_corespace.lora_export import LoraExport, lora_export
+from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.spaces import truncate
 
 LOG = logging.getLogger(__name__)
+_RELEASE_EVERY = 64  # modules between releases of the adapter files' mapped pages
 
 
 @dataclass
@@ -131,15 +133,22 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
     thresholds = run.thresholds.execute() if run.thresholds is not None else None
     device = options.device or "cpu"
     modules, layouts, saved = {}, {}, {}
-    for task in tqdm(tasks, desc="Merging adapters", disable=options.quiet):
+    views = []  # adapter file views read so far: their pages are released in batches
+    for index, task in enumerate(tqdm(tasks, desc="Merging adapters", disable=options.quiet)):
+        if index % _RELEASE_EVERY == 0:
+            # one read of /proc/self/maps per batch: per module it would cost more than
+            # the merge itself in a process that maps many files (the tuner's)
+            release_file_pages(*views)
+            views.clear()
         stored = run.checkpoint.stored_names.get(task.weight_name, task.weight_name)
         if task.dense:  # some adapter saved this weight whole: so does the merged one
             base = task.base.execute().to(device)
-            delta = task.merged_delta(device, thresholds, base=base)
+            delta = task.merged_delta(device, thresholds, base=base, views=views)
             saved[stored] = delta.applied_to(base)
             continue
         module = stored.removesuffix(".weight")
-        modules[module] = truncate(task.merged_delta(device, thresholds), rank=rank, energy=energy)
+        delta = task.merged_delta(device, thresholds, views=views)
+        modules[module] = truncate(delta, rank=rank, energy=energy)
         first = task.contributions[0][0]
         layouts[module] = (
             "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
@@ -150,4 +159,5 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
             modules[module].rank,
             modules[module].relative_error,
         )
+    release_file_pages(*views)
     return modules, layouts, saved
