@@ -98,10 +98,10 @@ def adapters(base: str, directory: str) -> dict[str, str]:
     return out
 
 
-def task_files(directory: str, examples: int) -> str:
-    """Three chat tasks of synthetic questions (file stem = adapter name)."""
-    rng = random.Random(0)
-    os.makedirs(directory, exist_ok=True)
+def examples(name: str, count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``count`` (question, answer) pairs of task ``name``, drawn with ``seed``."""
+    rng = random.Random(f"{name}-{seed}")
+    words = ["stone", "river", "cloud", "apple", "tiger", "lemon", "piano", "house", "bread"]
     makers = {
         "add": lambda: (lambda a, b: (f"What is {a} + {b}? Answer with the number.", str(a + b)))(
             rng.randint(10, 99), rng.randint(10, 99)
@@ -110,13 +110,18 @@ def task_files(directory: str, examples: int) -> str:
             rng.choice(sorted(CAPITALS))
         ),
         "reverse": lambda: (lambda w: (f"Write the word '{w}' backwards.", w[::-1]))(
-            rng.choice(["stone", "river", "cloud", "apple", "tiger", "lemon", "piano"])
+            rng.choice(words)
         ),
     }
-    for name, make in makers.items():
+    return [makers[name]() for _ in range(count)]
+
+
+def task_files(directory: str, count: int, seed: int = 0) -> str:
+    """Three chat task files of synthetic questions (file stem = adapter name)."""
+    os.makedirs(directory, exist_ok=True)
+    for name in TASKS:
         with open(os.path.join(directory, f"{name}.jsonl"), "w", encoding="utf-8") as handle:
-            for _ in range(examples):
-                question, answer = make()
+            for question, answer in examples(name, count, seed):
                 turns = [
                     {"role": "user", "content": question},
                     {"role": "assistant", "content": answer},
