@@ -6,7 +6,7 @@ this package (or starting Python) imports neither torch nor mergekit.
 """
 
 __version__ = "0.1.0"
-__all__ = ["merge_adapters"]
+__all__ = ["merge_adapters", "tune"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from mergekit_corespace.api import merge_adapters
 
         return merge_adapters
+    if name == "tune":
+        from mergekit_corespace.tune import tune
+
+        return tune
     raise AttributeError(f"module 'mergekit_corespace' has no attribute {name!r}")

@@ -4,6 +4,8 @@
   and options; the fallback for environments that skip ``.pth`` files.
 - ``mergekit-corespace-lora CONFIG OUT_DIR``: the same YAML and run options, but the
   output is one merged PEFT LoRA adapter instead of a model.
+- ``mergekit-corespace-tune CONFIG --data DIR``: a grid search of the recipe's top-level
+  parameters on the user's task files (:mod:`mergekit_corespace.tune`).
 """
 
 from __future__ import annotations
@@ -74,3 +76,88 @@ def _lora_command():
 
 def lora_main() -> None:
     _lora_command()(prog_name="mergekit-corespace-lora")
+
+
+@click.command("mergekit-corespace-tune")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="directory of task files, one NAME.jsonl per task (NAME: its adapter's name)",
+)
+@click.option(
+    "--grid",
+    multiple=True,
+    metavar="NAME=V1,V2 ...",
+    help="values of top-level parameters (and merge_method) to try, e.g. "
+    "'lambda=0.5,1,2 merge=ta,ties density=0.3,0.7'; repeatable "
+    "[default: lambda=0.25,0.5,0.75,1,1.5]",
+)
+@click.option(
+    "--metric",
+    multiple=True,
+    metavar="[TASK=]METRIC",
+    help="auto | choice | exact | loglik, for every task or for one; repeatable [default: auto: "
+    "choice where examples give choices, else loglik]",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="[default: CONFIG-tune]")
+@click.option(
+    "--merge",
+    type=click.Choice(["model", "adapter"]),
+    help="also write the winning merge to OUT/merged, as a model or as an adapter",
+)
+@click.option(
+    "--normalise/--no-normalise",
+    default=True,
+    show_default=True,
+    help="score each task's own adapter alone, and divide by it",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    help="exact: tokens to generate [default: the task's longest answer]",
+)
+@click.option("--random-seed", type=int, help="as mergekit's --random-seed (DARE masks)")
+@click.option("--fresh", is_flag=True, help="discard the points a previous run in OUT scored")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def tune_command(config_file, data, grid, metric, device, out, merge, normalise, **settings):
+    """Score a merge recipe's grid points on your own validation data; write the table,
+    a plot, the winning recipe (and with --merge, the merge itself)."""
+    from mergekit_corespace.errors import CoreSpaceError
+    from mergekit_corespace.tune import tune
+
+    metrics = {}
+    for spec in metric:
+        task, sep, name = spec.rpartition("=")
+        key = task if sep else "*"
+        if key in metrics:
+            raise CoreSpaceError(f"--metric {spec}: {key if sep else 'the default'} given twice")
+        metrics[key] = name
+    result = tune(
+        config_file,
+        data,
+        grid,
+        metric=metrics or "auto",
+        out=out,
+        device=device,
+        merge=merge,
+        normalise=normalise,
+        batch_size=settings["batch_size"],
+        max_new_tokens=settings["max_new_tokens"],
+        random_seed=settings["random_seed"],
+        fresh=settings["fresh"],
+        progress=not settings["quiet"],
+    )
+    click.echo(result.table())
+    click.echo(
+        f"\nwritten to {result.out}: results.csv, results.json, score_vs_lambda.png, best.yml"
+    )
+    if result.merged:
+        click.echo(f"winning merge ({merge}): {result.merged}")
+
+
+def tune_main() -> None:
+    tune_command(prog_name="mergekit-corespace-tune")

@@ -16,13 +16,17 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors.torch import save_file
 
 from mergekit_corespace.adapters import WEIGHTS_FILE
 from mergekit_corespace.spaces import LowRankDelta
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 Layout = Literal["linear", "conv1d", "embedding"]
@@ -63,8 +67,22 @@ def target_modules_of(inputs: Sequence, modules: Sequence[str]) -> list[str]:
     return sorted(leaves)
 
 
-def write_lora_adapter(
-    path: str,
+@dataclass
+class LoraExport:
+    """A merged adapter in memory: its PEFT ``LoraConfig`` and its tensors under PEFT's
+    saved names (``base_model.model.<module>.lora_A.weight``, ...), exactly what
+    :meth:`write` puts in ``adapter_config.json`` and ``adapter_model.safetensors``."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+
+    def write(self, path: str) -> None:
+        """Write the adapter to ``path`` (which must exist)."""
+        self.config.save_pretrained(path)
+        save_file(self.tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def lora_export(
     modules: Mapping[str, LowRankDelta],
     *,
     base_model_name_or_path: str,
@@ -73,8 +91,8 @@ def write_lora_adapter(
     layouts: Mapping[str, Layout] | None = None,
     saved: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
-) -> None:
-    """Write the merged adapter to ``path`` (which must exist).
+) -> LoraExport:
+    """The merged adapter's config and tensors.
 
     ``modules``: module path -> its low-rank delta; ``layouts``: module path -> layout
     (default linear); ``saved``: weight name -> a whole weight to save (modules_to_save).
@@ -108,9 +126,10 @@ def write_lora_adapter(
     # LoraConfig keeps target_modules as a set, which PEFT writes in hash order: a list
     # written sorted keeps the file byte-identical across runs.
     config.target_modules = sorted(config.target_modules)
-    config.save_pretrained(path)
-    save_file(
-        adapter_tensors(modules, layouts, saved, dtype),
-        os.path.join(path, WEIGHTS_FILE),
-        metadata={"format": "pt"},
-    )
+    return LoraExport(config=config, tensors=adapter_tensors(modules, layouts, saved, dtype))
+
+
+def write_lora_adapter(path: str, modules: Mapping[str, LowRankDelta], **export) -> None:
+    """Write the merged adapter to ``path`` (which must exist); ``export`` as for
+    :func:`lora_export`."""
+    lora_export(modules, **export).write(path)

@@ -88,6 +88,42 @@ def save_tiny_model(
     return path
 
 
+# Special tokens of the toy tokenizer, at the ids the toy Llama config expects (bos 1, eos 2).
+TOY_SPECIAL = ("<unk>", "<s>", "</s>", "<pad>")
+# A chat template in the usual shape: role markers, turns ended by a line break.
+TOY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def save_tiny_tokenizer(path: str) -> str:
+    """Save a character-level tokenizer (special tokens, line break, space and printable
+    ASCII: 100 ids, within the toy models' vocabulary of 128) with a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    characters = ["\n", " ", *(chr(code) for code in range(33, 127))]
+    vocab = {token: index for index, token in enumerate([*TOY_SPECIAL, *characters])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = TOY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def load_model(path: str, dtype: torch.dtype | None = None):
     from transformers import AutoConfig
 

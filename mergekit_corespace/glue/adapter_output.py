@@ -3,7 +3,8 @@
 Planned exactly like a model merge (so filters, gradients, seeds and ``ties_scope:
 global`` resolve identically; :func:`~mergekit_corespace.glue.internals.planned_merge_tasks`),
 but only the merge tasks run, without the base weights, and each module's merged delta
-is written in factored form (:mod:`mergekit_corespace.lora_export`).
+is written in factored form (:mod:`mergekit_corespace.lora_export`). The same adapter,
+computed in memory and not written, is what ``mergekit-corespace-tune`` evaluates.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ import torch
 
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.glue.registration import METHOD_SPACES
-from mergekit_corespace.glue.run import validate_run
+from mergekit_corespace.glue.run import ValidatedRun, validate_run
 from mergekit_corespace.glue.staging import claimed_output
 from mergekit_corespace.glue.tasks import WeightMergeTask
+from mergekit_corespace.lora_export import LoraExport, lora_export
+from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.spaces import truncate
 
 LOG = logging.getLogger(__name__)
+_RELEASE_EVERY = 64  # modules between releases of the adapter files' mapped pages
 
 
 @dataclass
 class AdapterReport:
-    """What :func:`merge_to_adapter` wrote: per module, its rank and truncation error."""
+    """What :func:`merge_to_adapter` wrote (or :func:`merged_adapter` computed): per
+    module, its rank and truncation error."""
 
-    path: str
+    path: str | None
     ranks: dict[str, int]
     errors: dict[str, float]  # relative Frobenius error of the truncation
 
@@ -45,6 +50,14 @@ class AdapterReport:
         )
 
 
+@dataclass
+class MergedAdapter:
+    """The merged adapter in memory (PEFT config and tensors) and what went into it."""
+
+    export: LoraExport
+    report: AdapterReport
+
+
 def merge_to_adapter(
     config, out_path: str, options, rank: int | None = None, energy: float | None = None
 ) -> AdapterReport:
@@ -53,37 +66,59 @@ def merge_to_adapter(
     Each module's merged delta is cut to ``rank`` or ``energy`` from its factored form
     (default: every non-null direction, i.e. exact).
     """
-    from mergekit.common import dtype_from_name
+    _check_method(config)
+    with claimed_output(out_path) as output:
+        run = validate_run(config, options)
+        output.check_free_space(run.adapter_output_bytes(_dtype(config).itemsize, rank))
+        merged = merged_adapter(config, options, rank, energy, run=run)
+        with output.staging() as staging:
+            os.makedirs(staging)
+            merged.export.write(staging)
+    merged.report.path = os.path.abspath(out_path)
+    return merged.report
 
-    from mergekit_corespace.lora_export import write_lora_adapter
 
+def merged_adapter(
+    config,
+    options,
+    rank: int | None = None,
+    energy: float | None = None,
+    run: ValidatedRun | None = None,
+) -> MergedAdapter:
+    """The merged adapter :func:`merge_to_adapter` writes, computed in memory only (the
+    tuner applies it to a loaded base with PEFT). ``run``: the config already validated."""
+    _check_method(config)
+    run = run if run is not None else validate_run(config, options)
+    modules, layouts, saved = _merged_modules(config, options, run, rank, energy)
+    export = lora_export(
+        modules,
+        base_model_name_or_path=run.base_model.model.path,
+        base_model_revision=run.base_model.model.revision,
+        inputs=[adapter.config for adapter in run.adapters.values()],
+        layouts=layouts,
+        saved=saved,
+        dtype=_dtype(config),
+    )
+    report = AdapterReport(
+        path=None,
+        ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
+        errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
+    )
+    return MergedAdapter(export=export, report=report)
+
+
+def _check_method(config) -> None:
     if config.merge_method not in METHOD_SPACES:
         raise CoreSpaceError(
             f"merge_method: {config.merge_method!r}; an adapter can only be merged with "
             f"{', '.join(METHOD_SPACES)}"
         )
-    dtype = dtype_from_name(config.out_dtype or config.dtype) or torch.float32
-    with claimed_output(out_path) as output:
-        run = validate_run(config, options)
-        output.check_free_space(run.adapter_output_bytes(dtype.itemsize, rank))
-        modules, layouts, saved = _merged_modules(config, options, run, rank, energy)
-        with output.staging() as staging:
-            os.makedirs(staging)
-            write_lora_adapter(
-                staging,
-                modules,
-                base_model_name_or_path=run.base_model.model.path,
-                base_model_revision=run.base_model.model.revision,
-                inputs=[adapter.config for adapter in run.adapters.values()],
-                layouts=layouts,
-                saved=saved,
-                dtype=dtype,
-            )
-    return AdapterReport(
-        path=os.path.abspath(out_path),
-        ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
-        errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
-    )
+
+
+def _dtype(config) -> torch.dtype:
+    from mergekit.common import dtype_from_name
+
+    return dtype_from_name(config.out_dtype or config.dtype) or torch.float32
 
 
 def _merged_modules(config, options, run, rank: int | None, energy: float | None):
@@ -98,15 +133,22 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
     thresholds = run.thresholds.execute() if run.thresholds is not None else None
     device = options.device or "cpu"
     modules, layouts, saved = {}, {}, {}
-    for task in tqdm(tasks, desc="Merging adapters", disable=options.quiet):
+    views = []  # adapter file views read so far: their pages are released in batches
+    for index, task in enumerate(tqdm(tasks, desc="Merging adapters", disable=options.quiet)):
+        if index % _RELEASE_EVERY == 0:
+            # one read of /proc/self/maps per batch: per module it would cost more than
+            # the merge itself in a process that maps many files (the tuner's)
+            release_file_pages(*views)
+            views.clear()
         stored = run.checkpoint.stored_names.get(task.weight_name, task.weight_name)
         if task.dense:  # some adapter saved this weight whole: so does the merged one
             base = task.base.execute().to(device)
-            delta = task.merged_delta(device, thresholds, base=base)
+            delta = task.merged_delta(device, thresholds, base=base, views=views)
             saved[stored] = delta.applied_to(base)
             continue
         module = stored.removesuffix(".weight")
-        modules[module] = truncate(task.merged_delta(device, thresholds), rank=rank, energy=energy)
+        delta = task.merged_delta(device, thresholds, views=views)
+        modules[module] = truncate(delta, rank=rank, energy=energy)
         first = task.contributions[0][0]
         layouts[module] = (
             "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
@@ -117,4 +159,5 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
             modules[module].rank,
             modules[module].relative_error,
         )
+    release_file_pages(*views)
     return modules, layouts, saved

@@ -1,0 +1,353 @@
+"""Task files and the scores of a causal LM on them: the one evaluation the tuner and the
+benchmarks share.
+
+A task is a JSON Lines file, one example a line, in the formats fine-tuning tools use:
+
+- ``{"prompt": "...", "answer": "..."}`` — the prompt and the answer are tokenized apart
+  and concatenated (write the separating space where your training data has it);
+- ``{"messages": [{"role": ..., "content": ...}, ...]}`` — a chat; the last turn, which must
+  be the assistant's, is the answer, and the turns before it are rendered with the
+  tokenizer's own chat template (``add_generation_prompt=True``);
+- either with ``"choices": [...]`` (alternative answers, the right one among them).
+
+Metrics (each a mean over the task's examples, higher is better):
+
+- ``choice``: accuracy of the choice with the highest log-likelihood (sum over its tokens);
+- ``exact``: greedy generation (stopped at the end-of-sequence token, at most as many
+  tokens as the task's longest answer) equals the answer, case and whitespace normalised;
+- ``loglik``: mean log-likelihood per token of the reference answer (no generation).
+
+``auto`` picks ``choice`` for a task whose examples all give choices, else ``loglik``.
+Batches are formed in a fixed order (longest first), so a score depends only on the model,
+the task and the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mergekit_corespace.errors import CoreSpaceError
+
+Metric = Literal["choice", "exact", "loglik"]
+METRICS: tuple[str, ...] = ("choice", "exact", "loglik")
+TASK_SUFFIX = ".jsonl"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example: a plain ``prompt`` or chat ``messages`` (without the answer turn)."""
+
+    line: int
+    answer: str
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task file: its name (the file stem), examples and the metric it is scored with."""
+
+    name: str
+    path: str
+    examples: tuple[Example, ...]
+    metric: Metric
+
+
+def read_task(path: str, metric: str = "auto") -> Task:
+    """Read and check one task file; any problem is one line naming ``path:line``."""
+    if metric not in (*METRICS, "auto"):
+        known = ", ".join(("auto", *METRICS))
+        raise CoreSpaceError(f"{path}: unknown metric {metric!r} (known: {known})")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CoreSpaceError(f"{path}: unreadable ({error})") from None
+    examples = [
+        _example(path, number, text) for number, text in enumerate(lines, 1) if text.strip()
+    ]
+    if not examples:
+        raise CoreSpaceError(f"{path}: no examples (the file is empty)")
+    if metric == "auto":
+        metric = "choice" if all(e.choices for e in examples) else "loglik"
+    if metric == "choice":
+        for example in examples:
+            if not example.choices:
+                raise CoreSpaceError(
+                    f"{path}:{example.line}: metric choice needs a `choices` list in every example"
+                )
+    name = os.path.basename(path).removesuffix(TASK_SUFFIX)
+    return Task(name=name, path=path, examples=tuple(examples), metric=metric)
+
+
+def read_tasks(directory: str, metrics: Mapping[str, str] | None = None) -> list[Task]:
+    """Every ``*.jsonl`` file of ``directory``, sorted by name. ``metrics``: task name ->
+    metric, ``"*"`` for the others (default ``auto``)."""
+    metrics = dict(metrics or {})
+    if not os.path.isdir(directory):
+        raise CoreSpaceError(f"{directory}: no such data directory")
+    names = sorted(n for n in os.listdir(directory) if n.endswith(TASK_SUFFIX))
+    if not names:
+        raise CoreSpaceError(f"{directory}: holds no task files (*{TASK_SUFFIX})")
+    stems = {name.removesuffix(TASK_SUFFIX) for name in names}
+    for task in metrics:
+        if task != "*" and task not in stems:
+            raise CoreSpaceError(
+                f"--metric {task}={metrics[task]}: {directory} has no task file {task}{TASK_SUFFIX}"
+            )
+    default = metrics.get("*", "auto")
+    return [
+        read_task(os.path.join(directory, n), metrics.get(n.removesuffix(TASK_SUFFIX), default))
+        for n in names
+    ]
+
+
+def _example(path: str, number: int, text: str) -> Example:
+    where = f"{path}:{number}"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        message = f"{where}: not valid JSON ({error.msg}, column {error.colno})"
+        raise CoreSpaceError(message) from None
+    if not isinstance(record, dict):
+        raise CoreSpaceError(f"{where}: an example must be a JSON object")
+    if "messages" in record and "prompt" in record:
+        raise CoreSpaceError(f"{where}: give either `prompt` or `messages`, not both")
+    prompt, messages = None, None
+    if "messages" in record:
+        turns = record["messages"]
+        if not isinstance(turns, list) or not turns:
+            raise CoreSpaceError(f"{where}: `messages` must be a non-empty list of turns")
+        for i, turn in enumerate(turns):
+            if not (
+                isinstance(turn, dict)
+                and isinstance(turn.get("role"), str)
+                and isinstance(turn.get("content"), str)
+            ):
+                raise CoreSpaceError(
+                    f"{where}: messages[{i}] must be an object with string `role` and `content`"
+                )
+        if turns[-1]["role"] != "assistant":
+            raise CoreSpaceError(
+                f"{where}: missing answer: the last of `messages` must be the assistant's turn "
+                f"(got role {turns[-1]['role']!r})"
+            )
+        if "answer" in record:
+            raise CoreSpaceError(
+                f"{where}: a chat example's answer is its last assistant turn; drop `answer`"
+            )
+        answer, messages = turns[-1]["content"], tuple(turns[:-1])
+    elif "prompt" in record:
+        prompt = record["prompt"]
+        if not isinstance(prompt, str):
+            raise CoreSpaceError(f"{where}: `prompt` must be a string")
+        if "answer" not in record:
+            raise CoreSpaceError(f"{where}: missing answer (no `answer` field)")
+        answer = record["answer"]
+    else:
+        raise CoreSpaceError(f"{where}: an example needs `prompt` and `answer`, or `messages`")
+    if not isinstance(answer, str) or not answer.strip():
+        raise CoreSpaceError(f"{where}: missing answer (the answer must be a non-empty string)")
+    choices = record.get("choices")
+    if choices is not None:
+        if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
+            raise CoreSpaceError(f"{where}: `choices` must be a non-empty list of strings")
+        if answer not in choices:
+            raise CoreSpaceError(f"{where}: the answer {answer!r} is not one of the `choices`")
+        choices = tuple(choices)
+    return Example(line=number, answer=answer, prompt=prompt, messages=messages, choices=choices)
+
+
+def check_tokenizer(tasks: Sequence[Task], tokenizer, model_path: str) -> None:
+    """Chat examples need a chat template: checked before any work."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    for task in tasks:
+        for example in task.examples:
+            if example.messages is not None:
+                raise CoreSpaceError(
+                    f"{task.path}:{example.line}: a chat example (`messages`) needs a chat "
+                    f"template, and the tokenizer of {model_path} has none"
+                )
+
+
+def normalise(text: str) -> str:
+    """Case and whitespace normalised text, as ``exact`` compares answers."""
+    return " ".join(text.split()).casefold()
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A task's examples as token ids: context and, per candidate answer, its ids."""
+
+    contexts: tuple[tuple[int, ...], ...]
+    candidates: tuple[tuple[tuple[int, ...], ...], ...]  # per example: the answer or choices
+    answers: tuple[int, ...]  # per example: the index of the answer among its candidates
+    longest_answer: int  # tokens
+
+
+class Evaluator:
+    """Scores models on tasks with one tokenizer; token ids are computed once per task."""
+
+    def __init__(self, tokenizer, batch_size: int = 8, max_new_tokens: int | None = None):
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = tokenizer.pad_token_id
+        if self.pad_id is None:  # any id: padded positions are masked and never scored
+            self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self._encoded: dict[tuple[str, str], _Encoded] = {}
+
+    def score(self, model, task: Task) -> float:
+        """``model``'s score on ``task`` with the task's metric."""
+        encoded = self._encode(task)
+        with torch.inference_mode():
+            if task.metric == "exact":
+                return self._exact(model, task, encoded)
+            if task.metric == "choice":
+                return self._choice(model, encoded)
+            return self._loglik(model, encoded)
+
+    def _encode(self, task: Task) -> _Encoded:
+        key = (task.path, task.metric)  # choice encodes every choice, the others the answer
+        if key not in self._encoded:
+            contexts, candidates, answers = [], [], []
+            for example in task.examples:
+                contexts.append(self.context_ids(example))
+                options = example.choices if task.metric == "choice" else (example.answer,)
+                candidates.append(tuple(self.answer_ids(option) for option in options))
+                answers.append(options.index(example.answer))
+            self._encoded[key] = _Encoded(
+                contexts=tuple(contexts),
+                candidates=tuple(candidates),
+                answers=tuple(answers),
+                longest_answer=max(
+                    len(self.answer_ids(example.answer)) for example in task.examples
+                ),
+            )
+        return self._encoded[key]
+
+    def context_ids(self, example: Example) -> tuple[int, ...]:
+        """The token ids the answer follows: the prompt with the tokenizer's special tokens,
+        or the chat so far rendered by the chat template with the assistant's turn opened."""
+        if example.messages is not None:
+            text = self.tokenizer.apply_chat_template(
+                list(example.messages), tokenize=False, add_generation_prompt=True
+            )
+            return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return tuple(self.tokenizer(example.prompt)["input_ids"])
+
+    def answer_ids(self, answer: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+    def _sequence_logliks(self, model, pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]):
+        """Per (context, continuation): the continuation's token log-likelihoods summed, and
+        its length. Right-padded batches, longest first, so no position depends on padding."""
+        device = _device_of(model)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        sums, lengths = [0.0] * len(pairs), [len(c) for _, c in pairs]
+        for batch in _chunks(order, self.batch_size):
+            width = max(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                sequence = pairs[i][0] + pairs[i][1]
+                ids[row, : len(sequence)] = torch.tensor(sequence)
+                mask[row, : len(sequence)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row, i in enumerate(batch):
+                context, continuation = pairs[i]
+                start = len(context)
+                # position p predicts token p + 1
+                scored = logits[row, start - 1 : start - 1 + len(continuation)].float()
+                targets = torch.tensor(continuation, device=scored.device)
+                logprobs = torch.log_softmax(scored, dim=-1)
+                sums[i] = float(logprobs.gather(1, targets[:, None]).sum())
+        return sums, lengths
+
+    def _pairs(self, encoded: _Encoded):
+        return [
+            (context, candidate)
+            for context, candidates in zip(encoded.contexts, encoded.candidates)
+            for candidate in candidates
+        ]
+
+    def _loglik(self, model, encoded: _Encoded) -> float:
+        sums, lengths = self._sequence_logliks(model, self._pairs(encoded))
+        return sum(s / n for s, n in zip(sums, lengths)) / len(sums)
+
+    def _choice(self, model, encoded: _Encoded) -> float:
+        sums, _ = self._sequence_logliks(model, self._pairs(encoded))
+        correct, offset = 0, 0
+        for candidates, answer in zip(encoded.candidates, encoded.answers):
+            scores = sums[offset : offset + len(candidates)]
+            offset += len(candidates)
+            correct += max(range(len(scores)), key=lambda k: (scores[k], -k)) == answer
+        return correct / len(encoded.answers)
+
+    def _exact(self, model, task: Task, encoded: _Encoded) -> float:
+        predictions = self.generate(model, encoded.contexts, encoded.longest_answer)
+        hits = [
+            normalise(prediction) == normalise(example.answer)
+            for prediction, example in zip(predictions, task.examples)
+        ]
+        return sum(hits) / len(hits)
+
+    def generate(self, model, contexts: Sequence[Sequence[int]], budget: int) -> list[str]:
+        """Greedy continuations of ``contexts`` (left-padded batches, longest first), at
+        most ``max_new_tokens`` (default ``budget``) tokens, cut at end-of-sequence."""
+        from transformers import GenerationConfig
+
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens or budget,
+            eos_token_id=sorted(eos) or None,
+            pad_token_id=self.pad_id,
+        )
+        device = _device_of(model)
+        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+        outputs: list[str] = [""] * len(contexts)
+        for batch in _chunks(order, self.batch_size):
+            width = max(len(contexts[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(contexts[i]) :] = torch.tensor(contexts[i])
+                mask[row, width - len(contexts[i]) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
+            for row, i in enumerate(batch):
+                tokens = generated[row, width:].tolist()
+                cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
+                outputs[i] = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+        return outputs
+
+
+def normalised_score(metric: str, score: float, reference: float) -> float:
+    """A score relative to a reference score (1 = as good as the reference): the ratio of
+    accuracies, or for ``loglik`` the ratio of per-token likelihoods, exp(score − reference)."""
+    if metric == "loglik":
+        return math.exp(score - reference)
+    return score / reference if reference else math.nan
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device

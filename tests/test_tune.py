@@ -1,0 +1,482 @@
+"""mergekit-corespace-tune: the grid point known to be best wins, its recipe merged by plain
+mergekit scores what the tuner reported, bad input stops before any work, and an
+interrupted run resumes where it stopped.
+
+The construction: two random PEFT adapters ``a`` and ``b`` of a tiny Llama with a
+character tokenizer; each task's answers are the greedy outputs of the base with *both*
+adapters active in PEFT (an oracle that shares no code with the merge), so task
+arithmetic with λ = 1 reproduces them exactly and other λ do not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from mergekit_corespace import toy
+from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.evaluate import Evaluator, read_task, read_tasks
+from mergekit_corespace.tune import grid_points, parse_grid, point_recipe, tune
+
+ANSWER_TOKENS = 4
+EXAMPLES = 10
+
+
+def _context(tokenizer, record) -> list[int]:
+    """The oracle's context: the tokenizer's own chat tokenization (not the evaluator's
+    render-then-encode), or the prompt with special tokens."""
+    if "messages" in record:
+        ids = tokenizer.apply_chat_template(
+            record["messages"][:-1], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(record["prompt"])["input_ids"]
+
+
+@torch.no_grad()
+def _greedy(model, ids, steps: int) -> list[int]:
+    """Greedy decoding one example at a time, the whole sequence recomputed each step."""
+    out = []
+    for _ in range(steps):
+        out.append(int(model(torch.tensor([list(ids) + out])).logits[0, -1].argmax()))
+    return out
+
+
+@torch.no_grad()
+def _logprob(model, context, continuation) -> float:
+    ids = torch.tensor([list(context) + list(continuation)])
+    logprobs = torch.log_softmax(model(ids).logits[0].double(), -1)
+    return sum(float(logprobs[len(context) - 1 + k, t]) for k, t in enumerate(continuation))
+
+
+def _both_adapters(base, adapters):
+    """The base with both adapters active in PEFT: ΔW_a + ΔW_b, i.e. ``ta`` at λ = 1."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(toy.load_model(base), adapters["a"], adapter_name="a")
+    model.load_adapter(adapters["b"], adapter_name="b")
+    model.base_model.set_adapter(["a", "b"])
+    return model.eval()
+
+
+def _write_jsonl(path, records) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Base, adapters, tokenizer, and task files built from the both-adapter model."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tune")
+    base = toy.save_tiny_model(str(root / "base"), "llama")
+    toy.save_tiny_tokenizer(base)
+    adapters = {
+        name: toy.save_lora_adapter(base, str(root / name), r=4, lora_alpha=8, seed=seed)
+        for name, seed in (("a", 1), ("b", 2))
+    }
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    merged, plain = _both_adapters(base, adapters), toy.load_model(base).eval()
+    rng = random.Random(0)
+    records = {"a": [], "b": []}
+    while min(len(r) for r in records.values()) < EXAMPLES:
+        text = "".join(rng.choice("abcdefghij") for _ in range(6))
+        task = "a" if len(records["a"]) <= len(records["b"]) else "b"
+        record = (
+            {"prompt": text + ":"}
+            if task == "a"
+            else {"messages": [{"role": "user", "content": text}, {"role": "assistant"}]}
+        )
+        context = _context(tokenizer, record)
+        answer_ids = _greedy(merged, context, ANSWER_TOKENS)
+        other_ids = _greedy(plain, context, ANSWER_TOKENS)
+        answer, other = tokenizer.decode(answer_ids), tokenizer.decode(other_ids)
+        if (
+            # only characters: no special tokens, no ids beyond the tokenizer's vocabulary
+            not all(len(toy.TOY_SPECIAL) <= t < len(tokenizer) for t in answer_ids + other_ids)
+            or not answer.strip()
+            or answer == other
+            or _logprob(merged, context, answer_ids) <= _logprob(merged, context, other_ids)
+        ):
+            continue
+        if task == "a":
+            record.update(answer=answer, choices=sorted([answer, other]))
+        else:
+            record["messages"][-1]["content"] = answer
+        records[task].append(record)
+    data = root / "data"
+    data.mkdir()
+    for task, rows in records.items():
+        _write_jsonl(data / f"{task}.jsonl", rows)
+    recipe = toy.write_yaml(
+        str(root / "recipe.yml"),
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
+        f"  - model: {base}+{adapters['a']}\n  - model: {base}+{adapters['b']}\n"
+        "parameters: {merge: ta}\n",
+    )
+    return dict(root=root, base=base, adapters=adapters, data=str(data), recipe=recipe)
+
+
+@pytest.fixture(scope="module")
+def exact_run(setup):
+    """λ ∈ {0.5, 1, 2} with task arithmetic, scored by exact match; writes the adapter."""
+    out = setup["root"] / "exact"
+    result = tune(
+        setup["recipe"],
+        setup["data"],
+        ["lambda=0.5,1,2"],
+        metric="exact",
+        out=out,
+        merge="adapter",
+        progress=False,
+    )
+    return result
+
+
+def test_ta_lambda_one_wins_on_the_both_adapter_outputs(exact_run):
+    best = exact_run.best
+    assert best.point == {"lambda": 1}
+    assert best.scores == {"a": 1.0, "b": 1.0}  # the greedy outputs, reproduced exactly
+    for row in exact_run.rows:
+        if row is not best:  # by a margin: λ ≠ 1 changes most greedy outputs
+            assert max(row.scores.values()) <= 0.5, row
+    # each adapter alone reproduces few of the both-adapter outputs; a reference of 0
+    # cannot normalise, and then the plain average decides
+    assert set(exact_run.references) <= {"a", "b"}
+    assert all(score > 0 for score in exact_run.references.values())
+
+
+def test_scores_equal_an_unbatched_oracle(setup):
+    """Batched, padded scores of the evaluator = one example at a time, by hand."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["base"])
+    model = _both_adapters(setup["base"], setup["adapters"])
+    evaluator = Evaluator(tokenizer, batch_size=3)  # several batches, padding in each
+    for name in ("a", "b"):
+        path = os.path.join(setup["data"], f"{name}.jsonl")
+        records = [json.loads(line) for line in open(path, encoding="utf-8")]
+        contexts = [_context(tokenizer, r) for r in records]
+        answers = [r["answer"] if "answer" in r else r["messages"][-1]["content"] for r in records]
+        ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+        loglik = sum(_logprob(model, c, i) / len(i) for c, i in zip(contexts, ids)) / len(ids)
+        got = evaluator.score(model, read_task(path, "loglik"))
+        assert got == pytest.approx(loglik, abs=1e-5)
+        greedy = [tokenizer.decode(_greedy(model, c, ANSWER_TOKENS)) for c in contexts]
+        exact = sum(g == a for g, a in zip(greedy, answers)) / len(answers)
+        assert evaluator.score(model, read_task(path, "exact")) == exact == 1.0
+    # choices: the base model (no adapter) picks differently from the adapted one
+    plain = toy.load_model(setup["base"]).eval()
+    path = os.path.join(setup["data"], "a.jsonl")
+    records = [json.loads(line) for line in open(path, encoding="utf-8")]
+    hits = 0
+    for record in records:
+        context = _context(tokenizer, record)
+        scores = [
+            _logprob(plain, context, tokenizer(c, add_special_tokens=False)["input_ids"])
+            for c in record["choices"]
+        ]
+        hits += record["choices"][scores.index(max(scores))] == record["answer"]
+    assert evaluator.score(plain, read_task(path, "choice")) == hits / len(records)
+    assert evaluator.score(model, read_task(path)) == 1.0  # auto: choice; by construction
+
+
+def test_written_adapter_is_the_one_the_tuner_scored(setup, exact_run):
+    """``--merge adapter`` writes the in-memory adapter of the winning point; PEFT loading
+    it from disk scores exactly what the tuner reported."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from mergekit_corespace.glue.adapter_output import merged_adapter
+
+    written = load_file(os.path.join(exact_run.merged, "adapter_model.safetensors"))
+    recipe = yaml.safe_load(open(os.path.join(exact_run.out, "best.yml")))
+    config = MergeConfiguration.model_validate(recipe)
+    in_memory = merged_adapter(config, MergeOptions(quiet=True)).export.tensors
+    assert written.keys() == in_memory.keys()
+    assert all(torch.equal(written[k], in_memory[k]) for k in written)
+    model = PeftModel.from_pretrained(toy.load_model(setup["base"]), exact_run.merged).eval()
+    evaluator = Evaluator(AutoTokenizer.from_pretrained(setup["base"]))
+    for task in read_tasks(setup["data"], {"*": "exact"}):
+        assert evaluator.score(model, task) == exact_run.best.scores[task.name]
+
+
+@pytest.fixture(scope="module")
+def loglik_run(setup):
+    """Every task by log-likelihood, a third task file no adapter belongs to, a grid over
+    two inner methods, through the console script; the winning merge written as a model."""
+    data = setup["root"] / "data3"
+    shutil.copytree(setup["data"], data)
+    shutil.copy(data / "a.jsonl", data / "extra.jsonl")
+    out = setup["root"] / "loglik"
+    from mergekit_corespace.cli import tune_command
+
+    result = CliRunner().invoke(
+        tune_command,
+        [setup["recipe"], "--data", str(data), "--out", str(out), "--metric", "loglik"]
+        + ["--grid", "lambda=0.5,1 merge=ta,ties", "--grid", "density=0.5", "--merge", "model"],
+    )
+    assert result.exit_code == 0, result.output
+    return dict(out=out, data=str(data), output=result.output)
+
+
+def test_recipe_merged_by_mergekit_reproduces_the_reported_scores(setup, loglik_run):
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = loglik_run["out"]
+    summary = json.loads((out / "results.json").read_text())
+    best = summary["best"]
+    recipe = yaml.safe_load((out / "best.yml").read_text())
+    assert recipe["parameters"] == {"merge": best["point"]["merge"], **best["point"]}
+    assert recipe["models"] == yaml.safe_load(open(setup["recipe"]))["models"]  # kept
+    merged = setup["root"] / "mergekit-out"
+    options = MergeOptions(write_model_card=False, quiet=True)
+    run_merge(MergeConfiguration.model_validate(recipe), str(merged), options)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    evaluator = Evaluator(AutoTokenizer.from_pretrained(setup["base"]))
+    for task in read_tasks(loglik_run["data"], {"*": "loglik"}):
+        assert evaluator.score(model, task) == pytest.approx(best["scores"][task.name], abs=1e-5)
+    # --merge model wrote that same merge
+    ours, theirs = _tensors(out / "merged"), _tensors(merged)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def test_a_task_without_an_adapter_is_scored_and_the_outputs_agree(loglik_run):
+    out, output = loglik_run["out"], loglik_run["output"]
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["references"]) == {"a", "b"}  # extra has no adapter of its name
+    assert summary["selected_by"] == "average"  # not every task can be normalised
+    points = summary["points"]
+    assert [p["point"] for p in points] == [
+        {"lambda": 0.5, "merge": "ta"},
+        {"lambda": 0.5, "merge": "ties", "density": 0.5},
+        {"lambda": 1, "merge": "ta"},
+        {"lambda": 1, "merge": "ties", "density": 0.5},
+    ]
+    for p in points:
+        assert set(p["scores"]) == {"a", "b", "extra"}
+        assert p["scores"]["extra"] == p["scores"]["a"]  # the same examples
+        assert p["average"] == pytest.approx(sum(p["scores"].values()) / 3)
+    assert summary["best"] == max(points, key=lambda p: p["average"])
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(points)
+    for line, p in zip(rows[1:], points):
+        cells = line.split(",")
+        assert [float(c) for c in cells[3:6]] == [p["scores"][t] for t in ("a", "b", "extra")]
+    assert (out / "score_vs_lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| lambda | merge | density | a (loglik) | b (loglik) | extra (loglik)" in output
+    assert " *" in output and "Best by average" in output
+
+
+def test_grid_combines_method_parameters_only_with_their_methods():
+    grid = parse_grid(["lambda=0.5,1 merge=ta,ties,tsv", "density=0.3,0.7"])
+    points = grid_points(grid, {"parameters": {"merge": "ta"}})
+    assert len(points) == 2 * (1 + 2 + 1)
+    assert {"lambda": 1, "merge": "tsv"} in points
+    assert all(("density" in p) == (p["merge"] == "ties") for p in points)
+    recipe = {
+        "merge_method": "core_space",
+        "models": [{"model": "x+y", "parameters": {"weight": 0.3}}],
+        "parameters": {"merge": "ties", "density": 0.6, "tsv_budget": 0.5},
+        "dtype": "bfloat16",
+    }
+    tsv = point_recipe(recipe, {"merge": "tsv", "lambda": 2})
+    assert tsv["parameters"] == {"merge": "tsv", "tsv_budget": 0.5, "lambda": 2}  # no density
+    assert tsv["models"] == recipe["models"] and tsv["dtype"] == "bfloat16"
+    assert recipe["parameters"]["density"] == 0.6  # the recipe itself is left alone
+
+
+def _bad_data(tmp_path, name, text):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / name).write_text(text)
+    return data
+
+
+GOOD = '{"prompt": "x:", "answer": "y"}\n'
+BAD_DATA = {
+    "unreadable JSON": ("a.jsonl", GOOD + '{"prompt": "x", \n', "a.jsonl:2: not valid JSON"),
+    "missing answer": ("a.jsonl", GOOD + '{"prompt": "x"}\n', "a.jsonl:2: missing answer"),
+    "empty answer": ("a.jsonl", '{"prompt": "x", "answer": " "}\n', "a.jsonl:1: missing answer"),
+    "chat without answer": (
+        "b.jsonl",
+        '{"messages": [{"role": "user", "content": "hi"}]}\n',
+        "b.jsonl:1: missing answer: the last of `messages` must be the assistant's turn",
+    ),
+    "empty file": ("a.jsonl", "\n", "a.jsonl: no examples"),
+    "answer not a choice": (
+        "a.jsonl",
+        GOOD + '{"prompt": "x", "answer": "y", "choices": ["n", "m"]}\n',
+        "a.jsonl:2: the answer 'y' is not one of the `choices`",
+    ),
+    "not an object": ("a.jsonl", "[1, 2]\n", "a.jsonl:1: an example must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA, ids=list(BAD_DATA))
+def test_bad_task_file_is_one_line_before_any_work(setup, tmp_path, case):
+    name, text, message = BAD_DATA[case]
+    data = _bad_data(tmp_path, name, text)
+    _assert_refused(setup, tmp_path, ["--data", str(data)], str(data / message))
+
+
+BAD_OPTIONS = {
+    "grid without values": (["--grid", "lambda"], "--grid lambda: expected NAME=VALUE"),
+    "grid empty value": (["--grid", "lambda=1,,2"], "--grid lambda=1,,2: expected NAME=VALUE"),
+    "unknown grid parameter": (["--grid", "lamda=1"], "--grid lamda=1: unknown parameter 'lamda'"),
+    "per-adapter grid parameter": (["--grid", "weight=1"], "weight is a per-adapter parameter"),
+    "grid key twice": (["--grid", "lambda=1", "--grid", "lambda=2"], "lambda is given twice"),
+    "bad grid value": (
+        ["--grid", "merge=ties density=1.5"],
+        "--grid merge=ties density=1.5: parameters.density:",
+    ),
+    "bad space": (
+        ["--grid", "merge_method=linear"],
+        "--grid merge_method=linear: 'linear' is not one of core_space",
+    ),
+    "choice without choices": (["--metric", "b=choice"], "b.jsonl:1: metric choice needs"),
+    "unknown metric": (["--metric", "f1"], "unknown metric 'f1'"),
+    "metric of no task": (["--metric", "zz=exact"], "--metric zz=exact: "),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS, ids=list(BAD_OPTIONS))
+def test_bad_option_is_one_line_before_any_work(setup, tmp_path, case):
+    args, message = BAD_OPTIONS[case]
+    _assert_refused(setup, tmp_path, ["--data", setup["data"], *args], message)
+
+
+def test_bad_data_directory_and_recipe(setup, tmp_path):
+    _assert_refused(setup, tmp_path, ["--data", str(tmp_path / "no")], "no such data directory")
+    (tmp_path / "empty").mkdir()
+    _assert_refused(setup, tmp_path, ["--data", str(tmp_path / "empty")], "holds no task files")
+    recipe = toy.write_yaml(str(tmp_path / "bad.yml"), "merge_method: [core_space\n")
+    args = ["--data", setup["data"]]
+    _assert_refused(setup, tmp_path, args, f"{recipe}: not valid YAML", recipe=recipe)
+
+
+def test_chat_task_needs_a_chat_template(setup, tmp_path):
+    base = tmp_path / "plain" / "base"
+    shutil.copytree(setup["base"], base)
+    for name in os.listdir(base):  # drop the chat template, wherever it was saved
+        if name.startswith("chat_template"):
+            os.remove(base / name)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    recipe = toy.write_yaml(
+        str(tmp_path / "r.yml"),
+        open(setup["recipe"]).read().replace(setup["base"] + "\n", f"{base}\n")
+        .replace(f"{setup['base']}+", f"{base}+"),
+    )  # fmt: skip
+    message = f"{setup['data']}/b.jsonl:1: a chat example (`messages`) needs a chat template"
+    _assert_refused(setup, tmp_path, ["--data", setup["data"]], message, recipe=recipe)
+
+
+def _assert_refused(setup, tmp_path, args, message, recipe=None):
+    from mergekit_corespace.cli import tune_command
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(tune_command, [recipe or setup["recipe"], "--out", str(out), *args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert message in lines[0]
+    assert not out.exists()  # before any work
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_with_only_the_remaining_points(setup, tmp_path):
+    grid = ["lambda=0.5,1,2 merge=ta,mean"]
+    run = dict(metric="loglik", progress=False)
+    scored = []
+
+    def stop_after_two(row, times):
+        scored.append(row.point)
+        if len(scored) == 2:
+            raise _Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(_Stop):
+        tune(setup["recipe"], setup["data"], grid, out=out, on_point=stop_after_two, **run)
+    log = (out / "points.jsonl").read_text().splitlines()
+    assert len(log) == 2 + 2  # the two references, then the two points
+    with open(out / "points.jsonl", "a") as handle:
+        handle.write('{"fingerprint": "cut in the midd')  # a write the interruption cut
+    scored_again = []
+    resumed = tune(
+        setup["recipe"],
+        setup["data"],
+        grid,
+        out=out,
+        on_point=lambda row, times: scored_again.append(row.point),
+        **run,
+    )
+    assert scored_again == [p for p in grid_points(parse_grid(grid), {}) if p not in scored]
+    fresh = tune(setup["recipe"], setup["data"], grid, out=tmp_path / "fresh", **run)
+    for name in ("results.csv", "results.json", "best.yml"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert resumed.table() == fresh.table()
+    # loglik references never vanish: every task is normalised, and that decides
+    assert fresh.selected_by == "normalised average" and set(fresh.references) == {"a", "b"}
+    assert fresh.best is max(fresh.rows, key=lambda row: row.normalised_average)
+    for row in fresh.rows:
+        for task, reference in fresh.references.items():
+            assert row.normalised[task] == pytest.approx(math.exp(row.scores[task] - reference))
+    # scores do not depend on which adapter was on the model before (reversed order)
+    reverse = tune(
+        setup["recipe"], setup["data"], ["merge=mean,ta lambda=2,1,0.5"],
+        out=tmp_path / "reverse", **run,
+    )  # fmt: skip
+    by_point = {json.dumps(r.point, sort_keys=True): r.scores for r in fresh.rows}
+    for row in reverse.rows:
+        assert row.scores == by_point[json.dumps(row.point, sort_keys=True)]
+
+
+def test_a_log_of_another_recipe_is_refused_and_fresh_starts_over(setup, tmp_path):
+    out = tmp_path / "out"
+    run = dict(metric="loglik", progress=False, out=out)
+    tune(setup["recipe"], setup["data"], ["lambda=1"], **run)
+    other = toy.write_yaml(
+        str(tmp_path / "other.yml"),
+        open(setup["recipe"]).read().replace("{merge: ta}", "{merge: ta, precision: float32}"),
+    )
+    with pytest.raises(CoreSpaceError, match=r"points.jsonl:1: scored for another recipe"):
+        tune(other, setup["data"], ["lambda=1"], **run)
+    scored = []
+    tune(
+        other,
+        setup["data"],
+        ["lambda=1"],
+        fresh=True,
+        on_point=lambda r, t: scored.append(r),
+        **run,
+    )
+    assert len(scored) == 1
