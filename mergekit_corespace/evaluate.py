@@ -256,11 +256,11 @@ class Evaluator:
         sums, lengths = [0.0] * len(pairs), [len(c) for _, c in pairs]
         for batch in _chunks(order, self.batch_size):
             width = max(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device="cpu")
+            mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
             for row, i in enumerate(batch):
                 sequence = pairs[i][0] + pairs[i][1]
-                ids[row, : len(sequence)] = torch.tensor(sequence)
+                ids[row, : len(sequence)] = torch.tensor(sequence, device="cpu")
                 mask[row, : len(sequence)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             for row, i in enumerate(batch):
@@ -321,10 +321,10 @@ class Evaluator:
         outputs: list[str] = [""] * len(contexts)
         for batch in _chunks(order, self.batch_size):
             width = max(len(contexts[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device="cpu")
+            mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
             for row, i in enumerate(batch):
-                ids[row, width - len(contexts[i]) :] = torch.tensor(contexts[i])
+                ids[row, width - len(contexts[i]) :] = torch.tensor(contexts[i], device="cpu")
                 mask[row, width - len(contexts[i]) :] = 1
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config

@@ -71,7 +71,7 @@ def random_drop(task: torch.Tensor, density: float, generator: torch.Generator) 
     The mask is drawn on the CPU from ``generator`` so that it is the same on any device."""
     if density >= 1:
         return task
-    keep = torch.rand(task.shape, generator=generator, dtype=torch.float64) < density
+    keep = torch.rand(task.shape, generator=generator, dtype=torch.float64, device="cpu") < density
     return task * keep.to(task.device) / density
 
 
@@ -221,7 +221,7 @@ class MagnitudeSketch:
 
     def __init__(self, tasks: int):
         bins = (self.HIGH - self.LOW) * self.BINS_PER_OCTAVE
-        self.counts = torch.zeros(tasks, bins, dtype=torch.float64)
+        self.counts = torch.zeros(tasks, bins, dtype=torch.float64, device="cpu")
         self.totals = [0] * tasks
 
     def add(self, task_index: int, task: torch.Tensor) -> None:

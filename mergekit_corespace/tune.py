@@ -314,7 +314,6 @@ class _Plan:
         options = MergeOptions(
             quiet=True,
             write_model_card=False,
-            cuda=device == "cuda",
             device=device,
             random_seed=seed,
         )

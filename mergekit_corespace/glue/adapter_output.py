@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -121,9 +121,23 @@ def _dtype(config) -> torch.dtype:
     return dtype_from_name(config.out_dtype or config.dtype) or torch.float32
 
 
+def merge_devices(options) -> list[str]:
+    """Where the adapter output's module merges run: ``options.device``, or with
+    ``--multi-gpu`` every GPU torch sees, modules dealt out in turn."""
+    device = options.device or "cpu"
+    if options.multi_gpu:
+        kind = torch.device(device).type if device != "cpu" else "cuda"
+        count = getattr(torch, kind).device_count()
+        return [f"{kind}:{index}" for index in range(count)] or [device]
+    return [device]
+
+
 def _merged_modules(config, options, run, rank: int | None, energy: float | None):
     """Each merged module's low-rank delta (cut to ``rank`` / ``energy``) and its layout,
-    and the weights some adapter saved whole, merged whole."""
+    and the weights some adapter saved whole, merged whole. Results are moved to the CPU
+    as each module finishes, so a device holds one module's work at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     from mergekit_corespace.glue.internals import planned_merge_tasks
@@ -131,33 +145,50 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
     planned = planned_merge_tasks(config, options, run)
     tasks = [task for task in planned if isinstance(task, WeightMergeTask)]
     thresholds = run.thresholds.execute() if run.thresholds is not None else None
-    device = options.device or "cpu"
-    modules, layouts, saved = {}, {}, {}
-    views = []  # adapter file views read so far: their pages are released in batches
-    for index, task in enumerate(tqdm(tasks, desc="Merging adapters", disable=options.quiet)):
-        if index % _RELEASE_EVERY == 0:
-            # one read of /proc/self/maps per batch: per module it would cost more than
-            # the merge itself in a process that maps many files (the tuner's)
-            release_file_pages(*views)
-            views.clear()
-        stored = run.checkpoint.stored_names.get(task.weight_name, task.weight_name)
+    devices = merge_devices(options)
+
+    def merge(index: int):
+        task, device, read = tasks[index], devices[index % len(devices)], []
         if task.dense:  # some adapter saved this weight whole: so does the merged one
             base = task.base.execute().to(device)
-            delta = task.merged_delta(device, thresholds, base=base, views=views)
-            saved[stored] = delta.applied_to(base)
-            continue
-        module = stored.removesuffix(".weight")
-        delta = task.merged_delta(device, thresholds, views=views)
-        modules[module] = truncate(delta, rank=rank, energy=energy)
-        first = task.contributions[0][0]
-        layouts[module] = (
-            "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
+            delta = task.merged_delta(device, thresholds, base=base, views=read)
+            return delta.applied_to(base).cpu(), read
+        cut = truncate(task.merged_delta(device, thresholds, views=read), rank=rank, energy=energy)
+        return replace(cut, b=cut.b.cpu(), a=cut.a.cpu()), read
+
+    modules, layouts, saved = {}, {}, {}
+    views = []  # adapter file views read so far: their pages are released in batches
+    with ThreadPoolExecutor(len(devices)) as pool:
+        results = (
+            pool.map(merge, range(len(tasks)))
+            if len(devices) > 1
+            else map(merge, range(len(tasks)))
         )
-        LOG.info(
-            "%s: rank %d, relative truncation error %.3e",
-            module,
-            modules[module].rank,
-            modules[module].relative_error,
+        bar = tqdm(
+            zip(tasks, results), total=len(tasks), desc="Merging adapters", disable=options.quiet
         )
+        for index, (task, (result, read)) in enumerate(bar):
+            views += read
+            if index % _RELEASE_EVERY == _RELEASE_EVERY - 1:
+                # one read of /proc/self/maps per batch: per module it would cost more than
+                # the merge itself in a process that maps many files (the tuner's)
+                release_file_pages(*views)
+                views.clear()
+            stored = run.checkpoint.stored_names.get(task.weight_name, task.weight_name)
+            if task.dense:
+                saved[stored] = result
+                continue
+            module = stored.removesuffix(".weight")
+            modules[module] = result
+            first = task.contributions[0][0]
+            layouts[module] = (
+                "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
+            )
+            LOG.info(
+                "%s: rank %d, relative truncation error %.3e",
+                module,
+                result.rank,
+                result.relative_error,
+            )
     release_file_pages(*views)
     return modules, layouts, saved

@@ -37,6 +37,7 @@ from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.glue.registration import METHOD_SPACES
 from mergekit_corespace.glue.tasks import TiesThresholdsTask, WeightMergeTask
 from mergekit_corespace.glue.validation import (
+    check_device_options,
     check_models,
     check_parameters,
     check_weights,
@@ -155,6 +156,7 @@ class ValidatedRun:
 
 def validate_run(config, options) -> ValidatedRun:
     """Check the whole config and every adapter before mergekit plans or writes anything."""
+    check_device_options(options)
     base_model = check_models(config)
     check_parameters(config)
     combine_duplicates(config)

@@ -36,7 +36,11 @@ class TiesThresholdsTask(Task[tuple]):
     def uses_accelerator(self) -> bool:
         return True
 
-    def duplicate_per_gpu(self) -> bool:
+    def main_thread_only(self) -> bool:
+        # With --multi-gpu, a leading task: run once before the GPUs' islands start, its
+        # thresholds handed to each. Duplicated per GPU it would read and decompose every
+        # module of every adapter once per GPU; on one GPU, it would join every TIES
+        # merge into one island.
         return True
 
     def execute(self) -> tuple:

@@ -25,6 +25,43 @@ from mergekit_corespace.options import (
 LOG = logging.getLogger(__name__)
 
 
+def check_device_options(options) -> None:
+    """The device options of mergekit's ``MergeOptions`` name devices this torch has.
+
+    Checked before any work: mergekit itself fails on them only once tasks run, with a
+    traceback (``Torch not compiled with CUDA enabled``, ``'NoneType' object has no
+    attribute 'type'``, ``pin_memory=True requires ...``)."""
+    import torch
+
+    def accelerators(kind: str) -> int:
+        module = getattr(torch, kind, None)
+        if module is None or not module.is_available():
+            return 0
+        return module.device_count()
+
+    build = f"torch {torch.__version__}"
+    try:
+        device = torch.device(options.device or "cpu")
+    except RuntimeError:
+        raise CoreSpaceError(f"--device {options.device}: not a device torch knows") from None
+    flag = f"--device {options.device}"
+    if options.cuda and device.type == "cuda":
+        flag = "--gpu-rich" if options.gpu_rich else "--cuda"
+    if device.type != "cpu":
+        count = accelerators(device.type)
+        if count == 0:
+            raise CoreSpaceError(
+                f"{flag}: {build} sees no {device.type} device; leave the option out to merge "
+                "on the CPU"
+            )
+        if device.index is not None and device.index >= count:
+            raise CoreSpaceError(f"{flag}: {build} sees {count} {device.type} device(s)")
+    gpus = accelerators("cuda") or accelerators("xpu")
+    for given, name in ((options.multi_gpu, "--multi-gpu"), (options.read_to_gpu, "--read-to-gpu")):
+        if given and not gpus:
+            raise CoreSpaceError(f"{name}: {build} sees no GPU; leave the option out")
+
+
 def check_models(config) -> ModelReference:
     """The base model, once every input is known to be ``base+adapter`` of it."""
     base_model = config.base_model
