@@ -1,0 +1,292 @@
+"""Every device option on a CUDA machine, checked against the CPU, in one command (< 10 min
+on one GPU):
+
+    python bench/gpu_smoke.py [--work DIR] [--results FILE]
+
+1. A tiny Llama (float64, and bfloat16) with three LoRA adapters of mixed ranks and one
+   that also saves ``lm_head`` (modules_to_save), merged in core / KnOTS / full space with
+   ta, ties, ties (global), dare, dare_ties, tsv and iso_cts, as a model and as a merged
+   adapter, on the CPU and, in float64, with ``--cuda``, ``--cuda --low-cpu-memory``,
+   ``--cuda --read-to-gpu`` and ``--multi-gpu`` (which runs every task inside
+   ``with torch.device("cuda:i")``, one GPU or several); in bfloat16 with ``--cuda``.
+   Each GPU output is compared with the CPU's: float64 deltas within 1e-10 relative,
+   bfloat16 weights within one unit in the last place (of the larger of |W| and |W'|),
+   merged adapters with the same kept ranks and the same product B·A (to 1e-10, or to
+   the rounding of bfloat16 factors).
+2. One 14 336 × 4 096 module (six rank-16 adapters, Llama-3-8B's MLP shape) per space
+   and method, in float32 and float64: GPU wall time, ``torch.cuda.max_memory_allocated``,
+   and float32's error against float64.
+
+Merges run in process through mergekit's own ``run_merge`` (and ``merge_adapters`` for
+adapters): the same code path as ``mergekit-yaml`` without a Python start per merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from mergekit_corespace import merge_adapters, toy  # noqa: E402
+
+SPACES = {"core": "core_space", "knots": "knots", "full": "full_space"}
+METHODS = {
+    "ta": {},
+    "ties": {"density": 0.5},
+    "ties global": {"density": 0.5, "ties_scope": "global"},
+    "dare": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "tsv": {},
+    "iso_cts": {},
+}
+GPU_OPTIONS = {
+    "--cuda": dict(cuda=True),
+    "--cuda --low-cpu-memory": dict(cuda=True, low_cpu_memory=True),
+    "--cuda --read-to-gpu": dict(cuda=True, read_to_gpu=True),
+    "--multi-gpu": dict(cuda=True, multi_gpu=True),
+}
+
+
+def build(work: str, dtype: torch.dtype) -> tuple[str, list[str]]:
+    from peft import LoraConfig, get_peft_model
+
+    name = str(dtype).removeprefix("torch.")
+    base = toy.save_tiny_model(os.path.join(work, f"base-{name}"), "llama", dtype=dtype)
+    adapters = [
+        toy.save_lora_adapter(base, os.path.join(work, f"{name}-r{r}"), r=r, seed=r)
+        for r in (4, 8, 12)
+    ]
+    torch.manual_seed(5)  # one adapter that also saves lm_head whole
+    model = get_peft_model(
+        toy.load_model(base),
+        LoraConfig(
+            r=6,
+            target_modules=["q_proj", "down_proj"],
+            modules_to_save=["lm_head"],
+            init_lora_weights=False,
+        ),
+    )
+    with torch.no_grad():
+        head = model.base_model.model.lm_head.modules_to_save["default"].weight
+        head.add_(torch.randn_like(head))
+    saved = os.path.join(work, f"{name}-saved-head")
+    model.save_pretrained(saved)
+    return base, [*adapters, saved]
+
+
+def tensors(path: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(os.listdir(path)):
+        if file.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, file)))
+    return out
+
+
+def model_difference(cpu: dict, gpu: dict, base: dict) -> float:
+    """float64: the largest relative difference of the deltas. bfloat16: the largest
+    difference in units in the last place of the larger of |W| and |W'| (where W + ΔW
+    cancels to far below |W|, the rounding of the float32 sum is counted in the ulps of
+    its inputs, not of the tiny result)."""
+    worst = 0.0
+    for name, want in cpu.items():
+        got = gpu[name]
+        if want.dtype == torch.float64:
+            delta = want - base[name]
+            if delta.norm() > 0:
+                worst = max(worst, float((got - want).norm() / delta.norm()))
+        else:
+            magnitude = torch.maximum(want.double().abs(), base[name].abs()).clamp_min(2**-126)
+            ulp = 2.0 ** (torch.floor(torch.log2(magnitude)) - 7)
+            worst = max(worst, float(((got.double() - want.double()).abs() / ulp).max()))
+    return worst
+
+
+def adapter_difference(cpu: dict, gpu: dict) -> tuple[bool, float]:
+    """Same kept ranks, and the largest relative difference of B·A per module."""
+    same_ranks, worst = set(cpu) == set(gpu), 0.0
+    for key in cpu:
+        if key.endswith("lora_A.weight"):
+            b_key = key.replace("lora_A", "lora_B")
+            same_ranks &= cpu[key].shape == gpu[key].shape
+            if not same_ranks:
+                continue
+            want = cpu[b_key].double() @ cpu[key].double()
+            got = gpu[b_key].double() @ gpu[key].double()
+            worst = max(worst, float((got - want).norm() / want.norm().clamp_min(1e-300)))
+        elif "lora_" not in key:  # a weight saved whole
+            want, got = cpu[key].double(), gpu[key].double()
+            worst = max(worst, float((got - want).norm() / want.norm().clamp_min(1e-300)))
+    return same_ranks, worst
+
+
+def merges(work: str, rows: list[str], device_options: dict, args) -> bool:
+    ok = True
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
+        base, adapters = build(work, dtype)
+        base_tensors = {k: v.double() for k, v in tensors(base).items()}
+        bound = 1e-10 if dtype == torch.float64 else 1.0
+        for space, (method, parameters) in itertools.product(
+            args.spaces.split(","), [(m, METHODS[m]) for m in args.methods.split(",")]
+        ):
+            # ties_scope: global does not take adapters that save whole weights
+            inputs = adapters[:-1] if method == "ties global" else adapters
+            common = dict(
+                method=method.split()[0],
+                space=space,
+                dtype=str(dtype).removeprefix("torch."),
+                precision="float64",
+                **parameters,
+            )
+            label = f"{space}-{method.replace(' ', '-')}-{common['dtype']}"
+            cpu = os.path.join(work, f"cpu-{label}")
+            merge_adapters(base, inputs, out=cpu, as_adapter=False, options=SEED, **common)
+            cpu_lora = merge_adapters(base, inputs, out=cpu + "-lora", options=SEED, **common)
+            # every option in float64; bfloat16 (the same code, rounded) with --cuda alone,
+            # so that the whole smoke stays within 10 minutes on one GPU
+            chosen = (
+                device_options if dtype == torch.float64 else dict(list(device_options.items())[:1])
+            )
+            for flags, options in chosen.items():
+                gpu = os.path.join(work, f"gpu-{label}-{len(flags)}")
+                started = time.perf_counter()
+                merge_adapters(
+                    base,
+                    inputs,
+                    out=gpu,
+                    as_adapter=False,
+                    options={**SEED, **options},
+                    **common,
+                )
+                seconds = time.perf_counter() - started
+                worst = model_difference(tensors(cpu), tensors(gpu), base_tensors)
+                gpu_lora = merge_adapters(
+                    base, inputs, out=gpu + "-lora", options={**SEED, **options}, **common
+                )
+                ranks, lora_worst = adapter_difference(tensors(cpu_lora), tensors(gpu_lora))
+                # bf16 factors: B·A agrees to their rounding, 2⁻⁸ relative per factor
+                lora_bound = 1e-10 if dtype == torch.float64 else 2**-7
+                passed = worst <= bound and ranks and lora_worst <= lora_bound
+                ok &= passed
+                unit = "ulp" if dtype == torch.bfloat16 else "rel"
+                rows.append(
+                    f"| {common['dtype']} | {space} | {method} | `{flags}` | {worst:.2e} {unit} "
+                    f"| {'same' if ranks else 'DIFFERENT'} ranks, {lora_worst:.1e} "
+                    f"| {seconds:.2f} s | {'ok' if passed else 'FAIL'} |"
+                )
+                print(rows[-1], flush=True)
+    return ok
+
+
+SEED = {"random_seed": 7, "copy_tokenizer": False}
+
+
+def module_timings(rows: list[str]) -> None:
+    from mergekit_corespace.options import MergeParameters
+    from mergekit_corespace.pipeline import merge_factors
+
+    m, n, adapters, rank = 14336, 4096, 6, 16
+    generator = torch.Generator().manual_seed(0)
+    factors64 = [
+        (
+            torch.randn(m, rank, generator=generator, dtype=torch.float64, device="cpu") / 30,
+            torch.randn(rank, n, generator=generator, dtype=torch.float64, device="cpu") / 30,
+        )
+        for _ in range(adapters)
+    ]
+    weights = [1.0] * adapters
+    # core first: a run cut short by its time limit still has the headline rows
+    for space, method in itertools.product(
+        ("core", "full", "knots"), ("ta", "ties", "dare", "tsv")
+    ):
+        results = {}
+        for precision in ("float64", "float32"):
+            dtype = getattr(torch, precision)
+            factors = [(b.to("cuda", dtype), a.to("cuda", dtype)) for b, a in factors64]
+            extra = {"density": 0.5} if method in ("ties", "dare") else {}
+            parameters = MergeParameters(merge=method, precision=precision, **extra)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            started = time.perf_counter()
+            delta = merge_factors(factors, weights, parameters, space, seed=1).to_dense()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            peak = torch.cuda.max_memory_allocated() - before
+            results[precision] = (seconds, peak, delta.double())
+            del factors, delta
+            torch.cuda.empty_cache()
+        (s64, p64, d64), (s32, p32, d32) = results["float64"], results["float32"]
+        error = float((d32 - d64).norm() / d64.norm().clamp_min(1e-300))
+        rows.append(
+            f"| {space} | {method} | {s64:.3f} s | {p64 / 2**30:.2f} GiB | {s32:.3f} s "
+            f"| {p32 / 2**30:.2f} GiB | {s64 / s32:.1f}× | {error:.1e} |"
+        )
+        print(rows[-1], flush=True)
+        del results
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--results", default=None, help="also write the tables here")
+    parser.add_argument(
+        "--cpu", action="store_true", help="a check of this script: the CPU against itself"
+    )
+    parser.add_argument("--part", choices=("all", "merges", "modules"), default="all")
+    parser.add_argument("--dtypes", default="float64,bfloat16")
+    parser.add_argument("--spaces", default=",".join(SPACES))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    if not (args.cpu or torch.cuda.is_available()):
+        sys.exit("bench/gpu_smoke.py needs a CUDA device (torch.cuda.is_available() is False)")
+    work = args.work or tempfile.mkdtemp(prefix="gpu-smoke-")
+    started = time.perf_counter()
+    name = "CPU" if args.cpu else torch.cuda.get_device_name(0)
+    count = 1 if args.cpu else torch.cuda.device_count()
+    header = [
+        f"# GPU smoke: {count} × {name}, torch {torch.__version__}",
+        "",
+        "## Every option against the CPU (tiny Llama, 4 adapters, one saving lm_head)",
+        "",
+        "| dtype | space | method | options | model vs CPU | merged adapter vs CPU "
+        "| GPU merge wall | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(header), flush=True)
+    rows: list[str] = []
+    ok = True
+    if args.part in ("all", "merges"):
+        ok = merges(work, rows, {"(CPU again)": {}} if args.cpu else GPU_OPTIONS, args)
+    timing_header = [
+        "",
+        f"## One {14336}×{4096} module, 6 adapters of rank 16, on {name}",
+        "",
+        "| space | method | float64 | peak | float32 | peak | float64 / float32 "
+        "| float32 vs float64 (rel.) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(timing_header), flush=True)
+    timings: list[str] = []
+    if not args.cpu and args.part in ("all", "modules"):
+        module_timings(timings)
+    minutes = (time.perf_counter() - started) / 60
+    footer = f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'}; {minutes:.1f} min"
+    print(footer)
+    if args.results:
+        with open(args.results, "w", encoding="utf-8") as handle:
+            handle.write("\n".join([*header, *rows, *timing_header, *timings, footer]) + "\n")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
