@@ -294,7 +294,7 @@ def _matching(bits: torch.Tensor, fixed: int, width: int, prefix: int) -> torch.
 
 
 def _from_bits(bits: int, as_int: torch.dtype, dtype: torch.dtype) -> float:
-    return float(torch.tensor([bits], dtype=as_int).view(dtype)[0])
+    return float(torch.tensor([bits], dtype=as_int, device="cpu").view(dtype)[0])
 
 
 # ---------------------------------------------------------------------------------------
