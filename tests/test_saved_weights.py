@@ -222,3 +222,31 @@ def test_a_pass_over_saved_weights_gives_their_file_pages_back(tmp_path, monkeyp
         peak = max(peak, rss_file() - before)
     files = 3 * 8192 * 512 * 4  # base and two saved weights, float32: 48 MiB
     assert peak < files / 8, f"{peak / 2**20:.1f} MiB"
+
+
+def test_row_blocked_merges_never_depend_on_the_ambient_device(tmp_path, monkeypatch):
+    """As every merge (tests/test_devices.py): each factory names its device, so a
+    --multi-gpu task's ``with torch.device(...)`` context changes nothing."""
+    from test_devices import FactoriesWithoutDevice
+
+    monkeypatch.setattr(dense, "BLOCK_ELEMENTS", 64 * 48)
+    monkeypatch.setattr(dense, "IN_MEMORY_ELEMENTS", 0)
+    monkeypatch.setattr(dense, "_GATHER_AT_MOST", 300)
+    contributions, base = _saved_module(tmp_path)
+    methods = [(m, extra) for m, extra in ELEMENTWISE] + [(m, {}) for m in SVD_BASED]
+
+    def merge_all():
+        return [
+            merge_module(
+                contributions, WEIGHTS, MergeParameters(merge=m, **extra), base=base
+            ).applied_to(base)
+            for m, extra in methods
+        ]
+
+    expected = merge_all()
+    with FactoriesWithoutDevice() as recorder:
+        again = merge_all()
+    assert recorder.calls == []
+    with torch.device("meta"):
+        inside = merge_all()
+    assert all(torch.equal(a, b) for a, b in zip(again + inside, expected * 2, strict=True))
