@@ -361,7 +361,9 @@ def _tsv(tasks, weights, p, seed):
 
 
 def _iso_c(tasks, weights, p, seed):
-    summed = lambda: (merges.task_arithmetic(b, weights) for _, _, b in tasks.blocks())  # noqa: E731
+    def summed():
+        return (merges.task_arithmetic(b, weights) for _, _, b in tasks.blocks())
+
     s, v = _gram_svd(_gram(summed(), tasks.shape[1], tasks), tasks.shape)
     if s.numel() == 0:
         return lambda: (torch.zeros_like(b[0]) for _, _, b in tasks.blocks())
