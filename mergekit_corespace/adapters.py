@@ -383,6 +383,15 @@ def read_dense(
     return _finite(raw, weight.file, weight.key).to(device=device, dtype=dtype, copy=True)
 
 
+def read_raw(weight: DenseWeight, views: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """A whole saved weight as stored (a view into the file's mapping, not checked for
+    NaN/Inf: the caller reads it in blocks and checks each); ``views`` as for read_factors."""
+    (raw,) = _tensor_file(weight.file).get(weight.key)
+    if views is not None:
+        views.append(raw)
+    return raw
+
+
 def match_modules(
     modules: Iterable[str], weights: Mapping[str, Iterable[str]], suffix: str = ".weight"
 ) -> tuple[dict[str, str], list[str]]:

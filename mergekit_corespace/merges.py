@@ -129,18 +129,23 @@ def dare_ties(
     return disjoint_mean(dropped, weights, elect_sign(dropped))
 
 
+def tsv_rank(shape: Sequence[int], count: int, budget: float) -> int:
+    """TSV's singular triplets per task, ``⌊budget·min(a, b)/T⌋`` (at least 1)."""
+    k = math.floor(budget * min(shape) / count)
+    if k == 0:
+        raise ValueError(
+            f"merge: tsv keeps {budget}·min{tuple(shape)}/{count} < 1 singular "
+            "vector per task; raise tsv_budget"
+        )
+    return k
+
+
 def tsv(tasks: Sequence[torch.Tensor], weights: Sequence[float], budget: float) -> torch.Tensor:
     """TSV-M: each task keeps its top ``k = ⌊budget·min(a, b)/T⌋`` singular triplets (null
     ones dropped: their arbitrary vectors would bend the others under ``polar``); the
     concatenated U's and V's are orthogonalised by ``polar``; the concatenated singular
     values are kept as they are."""
-    rows, cols = tasks[0].shape
-    k = math.floor(budget * min(rows, cols) / len(tasks))
-    if k == 0:
-        raise ValueError(
-            f"merge: tsv keeps {budget}·min{tuple(tasks[0].shape)}/{len(tasks)} < 1 singular "
-            "vector per task; raise tsv_budget"
-        )
+    k = tsv_rank(tasks[0].shape, len(tasks), budget)
     us, ss, vhs = [], [], []
     for task in weighted(tasks, weights):
         u, s, vh = nonnull_svd(task)

@@ -11,8 +11,14 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_corespace import merges
-from mergekit_corespace.adapters import Contribution, LoraModule, read_dense, read_factors
+from mergekit_corespace import dense, merges
+from mergekit_corespace.adapters import (
+    Contribution,
+    DenseWeight,
+    LoraModule,
+    read_dense,
+    read_factors,
+)
 from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.options import MergeParameters, Space
 from mergekit_corespace.spaces import SPACES, LowRank, MergedDelta
@@ -95,6 +101,7 @@ def read_inputs(
     release together with its own."""
     dtype = COMPUTE_DTYPES[parameters.precision]
     inputs, read = [], []
+    cast_base = None
     for parts in contributions:
         if len(parts) == 1 and isinstance(parts[0], LoraModule):
             inputs.append(read_factors(parts[0], dtype, device, read))
@@ -105,13 +112,38 @@ def read_inputs(
                 left, right = read_factors(part, dtype, device, read)
                 delta.addmm_(left, right)
             else:
-                delta += read_dense(part, dtype, device, read) - base.to(device, dtype)
+                if cast_base is None:  # once per weight, not per adapter
+                    cast_base = base.to(device, dtype)
+                delta += read_dense(part, dtype, device, read) - cast_base
         inputs.append(delta)
     if views is None:
         release_file_pages(*read)
     else:
         views += read
     return inputs
+
+
+def merge_module(
+    contributions: Sequence[Sequence[Contribution]],
+    weights: Sequence[float],
+    parameters: MergeParameters,
+    space: Space = "core",
+    device: torch.device | str = "cpu",
+    base: torch.Tensor | None = None,
+    views: list[torch.Tensor] | None = None,
+    seed: int = 0,
+    thresholds: Sequence[float] | None = None,
+) -> MergedDelta:
+    """One module's merged ΔW from each adapter's parts of it (``read_inputs`` then
+    ``merge_factors``). Where some adapter saved the weight whole, the T dense deltas are
+    merged in row blocks instead (:mod:`mergekit_corespace.dense`), never all in memory."""
+    saved = any(isinstance(p, DenseWeight) for parts in contributions for p in parts)
+    if saved and dense.streams(parameters, tuple(base.shape), len(contributions)):
+        dtype = COMPUTE_DTYPES[parameters.precision]
+        tasks = dense.DenseTasks(contributions, base, dtype, device, views)
+        return dense.merge_saved(tasks, weights, parameters, seed)
+    inputs = read_inputs(contributions, parameters, device, base, views)
+    return merge_factors(inputs, weights, parameters, space, seed, thresholds)
 
 
 def merge_factors(

@@ -20,7 +20,7 @@ needs no m×n matrix at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +32,36 @@ LowRank = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class RowBlocks:
+    """An m×n matrix computed one block of rows at a time, top to bottom, whenever it is
+    read: never whole in memory (a merged weight saved whole, :mod:`mergekit_corespace.dense`)."""
+
+    shape: tuple[int, int]
+    produce: Callable[[], Iterator[torch.Tensor]]  # consecutive blocks of rows
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, block)`` pairs."""
+        start = 0
+        for block in self.produce():
+            yield start, block
+            start += block.shape[0]
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(list(self.produce()))
+
+
+@dataclass(frozen=True)
 class MergedDelta:
-    """A merged weight delta, ``left @ right`` when factored, else ``dense``."""
+    """A merged weight delta, ``left @ right`` when factored, else ``dense`` (a tensor, or
+    :class:`RowBlocks` computed as they are read)."""
 
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
-    dense: torch.Tensor | None = None
+    dense: torch.Tensor | RowBlocks | None = None
 
     def to_dense(self) -> torch.Tensor:
+        if isinstance(self.dense, RowBlocks):
+            return self.dense.materialize()
         return self.dense if self.dense is not None else self.left @ self.right
 
     def applied_to(
@@ -56,6 +78,13 @@ class MergedDelta:
             merged = (weight.to(compute) + self.to_dense().to(compute)).to(weight.dtype)
             return merged if out is None else out.copy_(merged)
         out = torch.empty_like(weight) if out is None else out
+        if isinstance(self.dense, RowBlocks):
+            for start, delta in self.dense:
+                stop = start + delta.shape[0]
+                block = weight[start:stop].to(compute, copy=True)
+                block += delta.to(compute)
+                out[start:stop] = block
+            return out
         rows = max(1, block_elements // max(1, weight.shape[1]))
         if self.dense is None:
             left, right = self.left.to(compute), self.right.to(compute)
@@ -72,7 +101,7 @@ class MergedDelta:
         """Thin SVD of ΔW. Factored: QR of both factors and an SVD of the k×k product of
         their R's — nothing m×n is formed. Dense: the thin SVD of the m×n delta itself."""
         if self.dense is not None:
-            return torch.linalg.svd(self.dense, full_matrices=False)
+            return torch.linalg.svd(self.to_dense(), full_matrices=False)
         q_left, r_left = torch.linalg.qr(self.left)
         q_right, r_right = torch.linalg.qr(self.right.T)
         p, s, qh = torch.linalg.svd(r_left @ r_right.T)

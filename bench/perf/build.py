@@ -2,13 +2,15 @@
 shards) and T random LoRA adapters in PEFT format, at a chosen scale.
 
     python bench/perf/build.py OUT_DIR [--preset 8b|1b|small] [--layers N] [--adapters 6]
-                                       [--rank 16] [--mixed-ranks]
+                                       [--rank 16] [--mixed-ranks] [--modules-to-save]
 
 Weights are generated tensor by tensor and written one safetensors shard at a time, so
 building needs about one shard of memory (5 GB shards for the 8 B preset, 1 GiB for the
 others). The adapters are PEFT adapters as PEFT writes
 them (``LoraConfig.save_pretrained`` + ``base_model.model.<module>.lora_A/B.weight``),
-with random non-zero A and B on q, k, v, o, gate, up, down.
+with random non-zero A and B on q, k, v, o, gate, up, down. With ``--modules-to-save`` each
+adapter also saves ``embed_tokens`` and ``lm_head`` whole, as adapters trained with added
+tokens do (``modules_to_save``; the base weights plus a random update, in the model's dtype).
 """
 
 from __future__ import annotations
@@ -117,7 +119,34 @@ def build_model(path: str, config: dict, dtype=torch.bfloat16, shard_bytes: int 
     return sum(math.prod(shape) for shape in shapes.values())
 
 
-def build_adapter(path: str, base: str, config: dict, rank: int, seed: int) -> None:
+SAVED = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+
+
+def saved_weights(base: str, seed: int) -> dict[str, torch.Tensor]:
+    """``embed_tokens`` and ``lm_head`` as an adapter saves them whole: the base weights plus
+    a random update of 1/10 of their scale, rounded to their dtype."""
+    from safetensors import safe_open
+
+    with open(os.path.join(base, "model.safetensors.index.json")) as handle:
+        where = json.load(handle)["weight_map"]
+    generator = torch.Generator().manual_seed(2000 + seed)
+    tensors = {}
+    for module, name in SAVED.items():
+        with safe_open(os.path.join(base, where[name]), "pt") as handle:
+            weight = handle.get_tensor(name)
+        saved = torch.empty_like(weight)
+        for start in range(0, weight.shape[0], 8192):  # in blocks: ~1 GB matrices at 8 B
+            rows = weight[start : start + 8192].float()
+            rows += torch.randn(rows.shape, generator=generator) * 0.002
+            saved[start : start + 8192] = rows
+        prefix = "base_model.model." + ("model." if module == "embed_tokens" else "")
+        tensors[f"{prefix}{module}.weight"] = saved
+    return tensors
+
+
+def build_adapter(
+    path: str, base: str, config: dict, rank: int, seed: int, modules_to_save: bool = False
+) -> None:
     from peft import LoraConfig
 
     generator = torch.Generator().manual_seed(1000 + seed)
@@ -134,10 +163,13 @@ def build_adapter(path: str, base: str, config: dict, rank: int, seed: int) -> N
             tensors[f"{prefix}.lora_B.weight"] = (
                 torch.randn(out_features, rank, generator=generator) * 0.01
             )
+    if modules_to_save:
+        tensors.update(saved_weights(base, seed))
     LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
         target_modules=list(TARGETS),
+        modules_to_save=list(SAVED) if modules_to_save else None,
         base_model_name_or_path=base,
         task_type="CAUSAL_LM",
     ).save_pretrained(path)
@@ -152,6 +184,11 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=6)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--mixed-ranks", action="store_true", help="ranks 8, 16, 32, ... in turn")
+    parser.add_argument(
+        "--modules-to-save",
+        action="store_true",
+        help="adapters also save embed_tokens and lm_head whole (modules_to_save)",
+    )
     args = parser.parse_args()
     config = dict(PRESETS[args.preset])
     if args.layers:
@@ -161,7 +198,8 @@ def main() -> None:
     print(f"base: {params / 1e9:.3f} B parameters -> {base}")
     for t in range(args.adapters):
         rank = (8, 16, 32)[t % 3] if args.mixed_ranks else args.rank
-        build_adapter(os.path.join(args.out, f"adapter{t}"), base, config, rank, t)
+        path = os.path.join(args.out, f"adapter{t}")
+        build_adapter(path, base, config, rank, t, modules_to_save=args.modules_to_save)
     print(f"{args.adapters} adapters -> {os.path.abspath(args.out)}/adapter*")
 
 

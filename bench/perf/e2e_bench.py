@@ -4,15 +4,19 @@ mergekit TIES on `base+adapter` references (which merges a model copy per adapte
     python bench/perf/e2e_bench.py [--preset 8b|1b|small | --small] [--work DIR]
                                    [--step all|default|shards|stock] [--repeat 2]
                                    [--skip-stock] [--cold] [--settle 20] [--cuda]
+                                   [--modules-to-save] [--layers N] [--methods ties,tsv]
 
 Builds (or reuses, in WORK) a Llama-architecture model at the preset's size with 6 PEFT
-adapters of rank 16 on q, k, v, o, gate, up, down (bench/perf/build.py). Every command is
+adapters of rank 16 on q, k, v, o, gate, up, down (bench/perf/build.py; with
+--modules-to-save each adapter also saves embed_tokens and lm_head whole, and --layers sets
+the depth). Every command is
 a fresh `mergekit-yaml` process, started after `sync` (and, with --cold, after dropping
 the page cache); reported are wall time, peak RSS of the whole process tree, and bytes
 written to disk (output plus --lora-merge-cache). Steps, each printing its own tables
 (ratios within a row always come from one run):
 
-- default: passthrough vs core_space TIES, alternating, default shard size (5B);
+- default: passthrough vs core_space TIES (or each of --methods), alternating, default
+  shard size (5B);
 - shards: the same with small output shards (100M; 1B for the 8b preset), and for the
   small and 1b presets also on a model of half the depth: peak RSS must not grow with
   model size;
@@ -49,24 +53,29 @@ from safetensors import safe_open  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 ADAPTERS = 6
+DENSITY = {"ties": 0.7, "dare": 0.1, "dare_ties": 0.1}  # core_space rows
 
 
-def build(work: str, preset: str, layers: int | None) -> tuple[str, list[str]]:
+def build(
+    work: str, preset: str, layers: int | None, modules_to_save: bool = False
+) -> tuple[str, list[str]]:
     config = dict(PRESETS[preset])
     if layers:
         config["num_hidden_layers"] = layers
-    root = os.path.join(work, f"{preset}-{config['num_hidden_layers']}layers")
+    saved = "-saved" if modules_to_save else ""
+    root = os.path.join(work, f"{preset}-{config['num_hidden_layers']}layers{saved}")
     base = os.path.join(root, "base")
     adapters = [os.path.join(root, f"adapter{t}") for t in range(ADAPTERS)]
     if not os.path.exists(os.path.join(adapters[-1], "adapter_model.safetensors")):
         shutil.rmtree(root, ignore_errors=True)
         build_model(base, config, shard_bytes=SHARD_BYTES.get(preset, 1 << 30))
         for t, path in enumerate(adapters):
-            build_adapter(path, base, config, rank=16, seed=t)
+            build_adapter(path, base, config, rank=16, seed=t, modules_to_save=modules_to_save)
     return base, adapters
 
 
 def write_config(path: str, method: str, base: str, adapters: list[str]) -> str:
+    """``passthrough``, ``ties`` (stock, on base+adapter) or ``core_space:<inner method>``."""
     if method == "passthrough":
         text = f"merge_method: passthrough\nmodels:\n  - model: {base}\n"
     else:
@@ -74,11 +83,13 @@ def write_config(path: str, method: str, base: str, adapters: list[str]) -> str:
             f"  - model: {base}+{a}\n    parameters: {{weight: 1.0, density: 0.7}}\n"
             for a in adapters
         )
-        if method == "core_space":
+        if method.startswith("core_space"):
+            inner = method.partition(":")[2] or "ties"
+            density = f", density: {DENSITY[inner]}" if inner in DENSITY else ""
             models = models.replace(", density: 0.7", "")
             text = (
                 f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}"
-                "parameters: {merge: ties, density: 0.7, lambda: 0.5}\n"
+                f"parameters: {{merge: {inner}{density}, lambda: 0.5}}\n"
             )
         else:  # stock mergekit ties on base+adapter references
             text = (
@@ -124,9 +135,12 @@ def run(config: str, work: str, label: str, *options: str, cold=False, settle=0.
 SMALL_SHARDS = {"small": "100M", "1b": "100M", "8b": "1B"}
 LABELS = {
     "passthrough": "passthrough of the base (I/O floor)",
-    "core_space": "core_space, ties",
     "ties": "stock ties on base+adapter (--lora-merge-cache)",
 }
+
+
+def label(method: str) -> str:
+    return LABELS.get(method) or f"core_space, {method.partition(':')[2]}"
 
 
 def median_row(runs):
@@ -147,7 +161,7 @@ def print_table(title: str, rows: dict) -> None:
         ratio = "" if wall is None else f"{wall / floor_wall:.2f}"
         rss_cells = "" if rss is None else f"{mib(rss)} | {rss / floor_rss:.2f}"
         print(
-            f"| {LABELS[method]} | {wall_cell} | {ratio} | {rss_cells or ' | '} | "
+            f"| {label(method)} | {wall_cell} | {ratio} | {rss_cells or ' | '} | "
             f"{mib(written)}{' (computed)' if wall is None else ''} |"
         )
 
@@ -157,7 +171,9 @@ def alternate(configs: dict, work: str, args, *options: str) -> dict:
     runs = {}
     for _ in range(args.repeat):
         for method, config in configs.items():
-            label = f"{method}{'-' + '-'.join(options).strip('-') if options else ''}"
+            label = (
+                f"{method.replace(':', '-')}{'-' + '-'.join(options).strip('-') if options else ''}"
+            )
             measured = run(config, work, label, *options, cold=args.cold, settle=args.settle)
             runs.setdefault(method, []).append(measured)
     return {method: median_row(measured) for method, measured in runs.items()}
@@ -182,17 +198,27 @@ def main() -> None:
     )
     parser.add_argument("--settle", type=float, default=20.0, help="idle seconds before each run")
     parser.add_argument("--cuda", action="store_true", help="also run core space with --cuda")
+    parser.add_argument(
+        "--modules-to-save",
+        action="store_true",
+        help="adapters also save embed_tokens and lm_head whole (build.py --modules-to-save)",
+    )
+    parser.add_argument("--layers", type=int, help="override the preset's number of layers")
+    parser.add_argument(
+        "--methods", default="ties", help="core_space inner methods, comma-separated (ties)"
+    )
     args = parser.parse_args()
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="corespace-e2e-"))
     os.makedirs(work, exist_ok=True)
-    base, adapters = build(work, args.preset, None)
+    base, adapters = build(work, args.preset, args.layers, args.modules_to_save)
+    cores = [f"core_space:{m}" for m in args.methods.split(",")]
     configs = {
-        m: write_config(os.path.join(work, f"{m}.yml"), m, base, adapters)
-        for m in ("passthrough", "core_space", "ties")
+        m: write_config(os.path.join(work, f"{m.replace(':', '-')}.yml"), m, base, adapters)
+        for m in ("passthrough", *cores, "ties")
     }
     steps = ("default", "shards", "stock") if args.step == "all" else (args.step,)
     model = f"{args.preset} model ({directory_bytes(base) / 2**30:.1f} GiB, {base})"
-    pair = {m: configs[m] for m in ("passthrough", "core_space")}
+    pair = {m: configs[m] for m in ("passthrough", *cores)}
 
     if "default" in steps or "stock" in steps:
         rows = alternate(pair, work, args)
@@ -206,7 +232,7 @@ def main() -> None:
         print_table(f"End to end: {model}, {ADAPTERS} adapters of rank 16", rows)
         if "ties" in rows and rows["ties"][0] is not None:
             print(
-                f"\ncore_space is {rows['ties'][0] / rows['core_space'][0]:.1f}× faster "
+                f"\ncore_space is {rows['ties'][0] / rows[cores[0]][0]:.1f}× faster "
                 "than the stock base+adapter TIES path."
             )
         elif "ties" in rows:
@@ -219,36 +245,41 @@ def main() -> None:
         shard = SMALL_SHARDS[args.preset]
         rows = alternate(pair, work, args, "--out-shard-size", shard)
         print_table(f"Output shards of {shard} bytes: {model}", rows)
-        if args.preset != "8b":
+        if args.preset != "8b" and not args.layers:
             layers = PRESETS[args.preset]["num_hidden_layers"] // 2
-            half_base, half_adapters = build(work, args.preset, layers)
+            half_base, half_adapters = build(work, args.preset, layers, args.modules_to_save)
             half = {
-                m: write_config(os.path.join(work, f"{m}-half.yml"), m, half_base, half_adapters)
-                for m in ("passthrough", "core_space")
+                m: write_config(
+                    os.path.join(work, f"{m.replace(':', '-')}-half.yml"),
+                    m,
+                    half_base,
+                    half_adapters,
+                )
+                for m in ("passthrough", *cores)
             }
             rows = alternate(half, work, args, "--out-shard-size", shard)
             size = directory_bytes(half_base) / 2**30
             print_table(f"Output shards of {shard} bytes: half depth ({size:.1f} GiB)", rows)
 
     if args.cuda:
-        cuda(configs, base, work, args)
+        cuda(configs, cores[0], base, work, args)
 
 
-def cuda(configs: dict, base: str, work: str, args) -> None:
+def cuda(configs: dict, core: str, base: str, work: str, args) -> None:
     """A GPU run of core space, and the CPU/GPU agreement of the merged deltas."""
     from safetensors.torch import load_file
 
     before = dict(cold=args.cold, settle=args.settle)
     floor = run(configs["passthrough"], work, "passthrough-cuda-floor", **before)[0]
-    cpu = run(configs["core_space"], work, "core_space-cpu", **before)[0]
-    measured = run(configs["core_space"], work, "core_space-cuda", "--cuda", **before)[0]
+    cpu = run(configs[core], work, "core_space-cpu", **before)[0]
+    measured = run(configs[core], work, "core_space-cuda", "--cuda", **before)[0]
     print(
         f"\n--cuda: {measured.wall_s:.1f} s ({cpu.wall_s / measured.wall_s:.1f}× faster than "
         f"the CPU run's {cpu.wall_s:.1f} s), {measured.wall_s / floor.wall_s:.2f}× passthrough"
     )
     # agreement, in float32 output, of the merged deltas (W' − W) on CPU and GPU
-    fp32 = configs["core_space"].replace(".yml", "-fp32.yml")
-    with open(configs["core_space"]) as src, open(fp32, "w") as dst:
+    fp32 = configs[core].replace(".yml", "-fp32.yml")
+    with open(configs[core]) as src, open(fp32, "w") as dst:
         dst.write(src.read() + "dtype: float32\n")
     outs = [
         run(fp32, work, f"fp32-{d}", *flags, keep=True)[2]

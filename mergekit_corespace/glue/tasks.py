@@ -15,7 +15,7 @@ from mergekit_corespace.adapters import Contribution, DenseWeight, LoraModule
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.options import MergeParameters, Space
-from mergekit_corespace.pipeline import global_ties_thresholds, merge_factors, read_inputs
+from mergekit_corespace.pipeline import global_ties_thresholds, merge_module
 from mergekit_corespace.spaces import MergedDelta
 
 
@@ -110,12 +110,14 @@ class WeightMergeTask(Task[torch.Tensor]):
         """This weight's merged ΔW, factored where the space allows. ``base`` is only read
         for weights some adapter saved whole (their delta is saved − base); ``views`` as
         for :func:`~mergekit_corespace.pipeline.read_inputs`."""
-        inputs = read_inputs(self.contributions, self.parameters, device, base, views)
-        return merge_factors(
-            inputs,
+        return merge_module(
+            self.contributions,
             self.weights,
             self.parameters,
             self.space,
+            device,
+            base,
+            views,
             seed=self.seed,
             thresholds=None
             if thresholds is None
