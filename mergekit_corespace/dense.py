@@ -334,21 +334,32 @@ def _gram(rows: Iterator[torch.Tensor], size: int, tasks: DenseTasks) -> torch.T
     return total
 
 
-def _tsv(tasks, weights, p, seed):
-    rows, cols = tasks.shape
-    k = merges.tsv_rank(tasks.shape, tasks.count, p.tsv_budget)
-    grams = [torch.zeros(cols, cols, dtype=tasks.dtype, device=tasks.device) for _ in weights]
-    for _, _, blocks in tasks.blocks():
-        for gram, scaled in zip(grams, merges.weighted(blocks, weights)):
-            gram.addmm_(scaled.T, scaled)
+def _top_triplets(task_blocks: Iterator[list[torch.Tensor]], tasks: DenseTasks, k: int):
+    """Per task, its top ``k`` non-null singular triplets from the Gram matrix of its
+    rows (``task_blocks`` yields one block of rows per task at a time), as lists of
+    ``V S⁻¹`` (so that ``X V S⁻¹ = U``), ``S`` and ``Vᵀ``."""
+    cols = tasks.shape[1]
+    grams = [
+        torch.zeros(cols, cols, dtype=tasks.dtype, device=tasks.device) for _ in range(tasks.count)
+    ]
+    for blocks in task_blocks:
+        for gram, block in zip(grams, blocks, strict=True):
+            gram.addmm_(block.T, block)
     projections, singular, vhs = [], [], []
-    for gram in grams:  # task t: U_t = X_t V_t S_t⁻¹ for its top k non-null triplets
+    for gram in grams:
         s, v = _gram_svd(gram, tasks.shape)
         s, v = s[:k], v[:, :k]
         projections.append(v / s)
         singular.append(s)
         vhs.append(v.T)
-    del grams
+    return projections, singular, vhs
+
+
+def _tsv(tasks, weights, p, seed):
+    k = merges.tsv_rank(tasks.shape, tasks.count, p.tsv_budget)
+    projections, singular, vhs = _top_triplets(
+        (merges.weighted(blocks, weights) for _, _, blocks in tasks.blocks()), tasks, k
+    )
 
     def left(blocks):  # rows of [U_1 … U_T]
         scaled = merges.weighted(blocks, weights)
@@ -430,17 +441,9 @@ def _iso_cts(tasks, weights, p, seed):
                 u_c = total @ to_common
                 yield [x - u_c @ overlap for x, overlap in zip(scaled, overlaps)], u_c
 
-        grams = [torch.zeros(cols, cols, dtype=tasks.dtype, device=tasks.device) for _ in weights]
-        for blocks, _ in residuals():
-            for gram, residual in zip(grams, blocks):
-                gram.addmm_(residual.T, residual)
-        for gram in grams:
-            st, vt = _gram_svd(gram, tasks.shape)
-            st, vt = st[:per_task], vt[:, :per_task]
-            projections.append(vt / st)
-            singular.append(st)
-            vhs.append(vt.T)
-        del grams
+        projections, singular, vhs = _top_triplets(
+            (blocks for blocks, _ in residuals()), tasks, per_task
+        )
     else:
 
         def residuals():
