@@ -1,5 +1,5 @@
-"""Every device option on a CUDA machine, checked against the CPU, in one command (< 10 min
-on one GPU):
+"""Every device option on a CUDA machine, checked against the CPU, in one command (sized
+for 10 minutes on one GPU; ``--part`` runs half of it):
 
     python bench/gpu_smoke.py [--work DIR] [--results FILE]
 
