@@ -208,13 +208,33 @@ class Evaluator:
 
     def score(self, model, task: Task) -> float:
         """``model``'s score on ``task`` with the task's metric."""
+        if task.metric == "loglik":
+            with torch.inference_mode():
+                return self._loglik(model, self._encode(task))
+        hits = self.hits(task, self.predictions(model, task))
+        return sum(hits) / len(hits)
+
+    def predictions(self, model, task: Task) -> list[str]:
+        """Per example, ``model``'s answer: the choice it rates most likely (``choice``) or
+        its greedy generation (``exact``)."""
+        if task.metric == "loglik":
+            raise CoreSpaceError(f"{task.path}: metric loglik scores answers, it predicts none")
         encoded = self._encode(task)
         with torch.inference_mode():
             if task.metric == "exact":
-                return self._exact(model, task, encoded)
-            if task.metric == "choice":
-                return self._choice(model, encoded)
-            return self._loglik(model, encoded)
+                return self.generate(model, encoded.contexts, encoded.longest_answer)
+            return self._choices(model, task, encoded)
+
+    @staticmethod
+    def hits(task: Task, predictions: Sequence[str]) -> list[int]:
+        """Per example, 1 where the prediction is the answer (``exact``: case and whitespace
+        normalised), else 0."""
+        if task.metric == "choice":
+            return [int(p == e.answer) for p, e in zip(predictions, task.examples, strict=True)]
+        return [
+            int(normalise(p) == normalise(e.answer))
+            for p, e in zip(predictions, task.examples, strict=True)
+        ]
 
     def _encode(self, task: Task) -> _Encoded:
         key = (task.path, task.metric)  # choice encodes every choice, the others the answer
@@ -255,13 +275,7 @@ class Evaluator:
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         sums, lengths = [0.0] * len(pairs), [len(c) for _, c in pairs]
         for batch in _chunks(order, self.batch_size):
-            width = max(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device="cpu")
-            mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
-            for row, i in enumerate(batch):
-                sequence = pairs[i][0] + pairs[i][1]
-                ids[row, : len(sequence)] = torch.tensor(sequence, device="cpu")
-                mask[row, : len(sequence)] = 1
+            ids, mask = self._right_padded([pairs[i][0] + pairs[i][1] for i in batch])
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             for row, i in enumerate(batch):
                 context, continuation = pairs[i]
@@ -284,22 +298,61 @@ class Evaluator:
         sums, lengths = self._sequence_logliks(model, self._pairs(encoded))
         return sum(s / n for s, n in zip(sums, lengths)) / len(sums)
 
-    def _choice(self, model, encoded: _Encoded) -> float:
-        sums, _ = self._sequence_logliks(model, self._pairs(encoded))
-        correct, offset = 0, 0
-        for candidates, answer in zip(encoded.candidates, encoded.answers):
-            scores = sums[offset : offset + len(candidates)]
-            offset += len(candidates)
-            correct += max(range(len(scores)), key=lambda k: (scores[k], -k)) == answer
-        return correct / len(encoded.answers)
-
-    def _exact(self, model, task: Task, encoded: _Encoded) -> float:
-        predictions = self.generate(model, encoded.contexts, encoded.longest_answer)
-        hits = [
-            normalise(prediction) == normalise(example.answer)
-            for prediction, example in zip(predictions, task.examples)
+    def _choices(self, model, task: Task, encoded: _Encoded) -> list[str]:
+        """The most likely choice per example (ties: the first). A one-token choice is
+        scored from a pass over the context alone (its log-likelihood is the next-token
+        log-probability there); longer ones each from a pass over context + choice."""
+        single = [
+            [candidate[0] for candidate in candidates if len(candidate) == 1]
+            for candidates in encoded.candidates
         ]
-        return sum(hits) / len(hits)
+        needed = [i for i, tokens in enumerate(single) if tokens]
+        next_token = self._next_token_logprobs(
+            model, [encoded.contexts[i] for i in needed], [single[i] for i in needed]
+        )
+        next_token = dict(zip(needed, next_token))
+        longer = [
+            (i, k)
+            for i, candidates in enumerate(encoded.candidates)
+            for k, candidate in enumerate(candidates)
+            if len(candidate) != 1
+        ]
+        sums, _ = self._sequence_logliks(
+            model, [(encoded.contexts[i], encoded.candidates[i][k]) for i, k in longer]
+        )
+        longer = dict(zip(longer, sums))
+        predictions = []
+        for i, (example, candidates) in enumerate(zip(task.examples, encoded.candidates)):
+            logprobs = iter(next_token.get(i, ()))
+            scores = [
+                next(logprobs) if len(candidate) == 1 else longer[(i, k)]
+                for k, candidate in enumerate(candidates)
+            ]
+            best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+            predictions.append(example.choices[best])
+        return predictions
+
+    def _next_token_logprobs(self, model, contexts, tokens) -> list[list[float]]:
+        """Per context, the log-probabilities of the given next tokens."""
+        device = _device_of(model)
+        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+        results: list[list[float]] = [[] for _ in contexts]
+        for batch in _chunks(order, self.batch_size):
+            ids, mask = self._right_padded([contexts[i] for i in batch])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row, i in enumerate(batch):
+                logprobs = torch.log_softmax(logits[row, len(contexts[i]) - 1].float(), dim=-1)
+                results[i] = logprobs[torch.tensor(tokens[i], device=logprobs.device)].tolist()
+        return results
+
+    def _right_padded(self, sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(sequence) for sequence in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(sequences), width), dtype=torch.long, device="cpu")
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence, device="cpu")
+            mask[row, : len(sequence)] = 1
+        return ids, mask
 
     def generate(self, model, contexts: Sequence[Sequence[int]], budget: int) -> list[str]:
         """Greedy continuations of ``contexts`` (left-padded batches, longest first), at

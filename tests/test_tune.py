@@ -191,6 +191,43 @@ def test_scores_equal_an_unbatched_oracle(setup):
     assert evaluator.score(model, read_task(path)) == 1.0  # auto: choice; by construction
 
 
+def test_one_token_choices_are_picked_as_the_unbatched_oracle_picks(setup, tmp_path):
+    """Choices of one token (scored from the context's pass) mixed with longer ones (a pass
+    each; some examples have only longer ones): the prediction per example is the
+    oracle's argmax."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["base"])
+    model = _both_adapters(setup["base"], setup["adapters"])
+    rng = random.Random(1)
+    records = []
+    for number in range(12):
+        letters = rng.sample("abcdefghij", 4)
+        choices = [letters[2] + letters[3], letters[1] + letters[0]]
+        if number % 2:  # mixed; else only two-token choices
+            choices += [letters[0], letters[1]]
+        records.append(
+            {"prompt": "".join(rng.choice("abcdefghij") for _ in range(6)) + ":",
+             "answer": rng.choice(choices), "choices": choices}  # fmt: skip
+        )
+    task = read_task(_write_jsonl(tmp_path / "mixed.jsonl", records), "choice")
+    expected = []
+    for record in records:
+        context = _context(tokenizer, record)
+        scores = [
+            _logprob(model, context, tokenizer(c, add_special_tokens=False)["input_ids"])
+            for c in record["choices"]
+        ]
+        expected.append(record["choices"][scores.index(max(scores))])
+    assert len({len(c) for c in expected}) > 1  # both paths decided some examples
+    evaluator = Evaluator(tokenizer, batch_size=5)
+    predictions = evaluator.predictions(model, task)
+    assert predictions == expected
+    hits = Evaluator.hits(task, predictions)
+    assert hits == [int(p == r["answer"]) for p, r in zip(expected, records)]
+    assert evaluator.score(model, task) == sum(hits) / len(hits)
+
+
 def test_written_adapter_is_the_one_the_tuner_scored(setup, exact_run):
     """``--merge adapter`` writes the in-memory adapter of the winning point; PEFT loading
     it from disk scores exactly what the tuner reported."""
