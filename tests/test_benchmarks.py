@@ -78,3 +78,55 @@ def test_task_splits_are_disjoint_deterministic_and_labelled():
             name, train_size=200, validation_size=50, test_size=50, seed=3
         )
         assert again == task
+
+
+def test_llm_bench_smoke(tmp_path):
+    """The LLM benchmark end to end on a tiny random Llama: adapters trained, λ / density
+    tuned, each choice written by mergekit-yaml and by mergekit-corespace-lora, the page."""
+    import json
+
+    out = _run("bench/llm/run.py", "--smoke", "--out", str(tmp_path))
+    page = (tmp_path / "results.md").read_text()
+    for row in ("zero-shot base", "individual adapters (own task)", "ties · core", "ties · knots"):
+        assert f"| {row} |" in page or f"| **{row}** |" in page, row
+        assert row in out
+    assert "adapter agreement" in page and "## Free generation" in page
+    assert "## The models answering" in page and "expected `" in page
+    saved = json.loads((tmp_path / "predictions.json").read_text())
+    assert saved["sizes"] == {"sentiment": 8, "spam": 8}
+    for label in ("ties · core", "ties · knots"):
+        row = saved["rows"][label]
+        assert row["chosen"] == {"lambda": 1.0, "density": 0.7}
+        same, total = row["adapter_agreement"]
+        assert total == 16 and 0 <= same <= total
+        assert all(
+            len(hits) == 8 and set(hits) <= {"0", "1"} for hits in row["predictions"].values()
+        )
+    # every space's best merge answered freely, next to the base and the own adapters
+    assert len(saved["free_generation"]) == 4 and len(saved["samples"]) == 4
+    first = page
+    _run("bench/llm/run.py", "--render", "--out", str(tmp_path))
+    assert (tmp_path / "results.md").read_text() == first
+
+
+def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():
+    sys.path.insert(0, str(REPO / "bench" / "llm"))
+    import chat_tasks
+
+    tasks = chat_tasks.load_chat_tasks(train=50, validation=20, test=30, seed=3)
+    again = chat_tasks.load_chat_tasks(train=50, validation=20, test=30, seed=3)
+    assert tasks == again and [t.name for t in tasks] == list(chat_tasks.TASK_NAMES)
+    for task in tasks:
+        splits = [task.train, task.validation, task.test]
+        assert [len(s) for s in splits] == [50, 20, 30]
+        questions = [{q for q, _ in split} for split in splits]
+        assert not (questions[0] & questions[1] or questions[0] & questions[2])
+        assert not questions[1] & questions[2]
+        for question, answer in task.test:
+            if task.choices:
+                assert answer in task.choices
+            elif task.name == "addition":
+                a, b = (int(x) for x in question.split("?")[0].split()[-3::2])
+                assert answer == str(a + b)
+            else:
+                assert question.split()[-1] == answer

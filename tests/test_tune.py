@@ -207,8 +207,11 @@ def test_one_token_choices_are_picked_as_the_unbatched_oracle_picks(setup, tmp_p
         if number % 2:  # mixed; else only two-token choices
             choices += [letters[0], letters[1]]
         records.append(
-            {"prompt": "".join(rng.choice("abcdefghij") for _ in range(6)) + ":",
-             "answer": rng.choice(choices), "choices": choices}  # fmt: skip
+            {
+                "prompt": "".join(rng.choice("abcdefghij") for _ in range(6)) + ":",
+                "answer": rng.choice(choices),
+                "choices": choices,
+            }  # fmt: skip
         )
     task = read_task(_write_jsonl(tmp_path / "mixed.jsonl", records), "choice")
     expected = []

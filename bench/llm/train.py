@@ -1,0 +1,90 @@
+"""One PEFT LoRA adapter of a causal LM trained on chat examples, cached by its settings.
+
+The loss is on the answer tokens and the end-of-turn token after them (so that greedy
+generation stops after the answer); the prompt tokens are masked. Weights are trained
+in float32 under bfloat16 autocast on the CPU (2–3× faster than float32 where the CPU has
+bf16 instructions); the adapter is saved in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+TRAINING = dict(steps=60, batch_size=8, learning_rate=1e-3)
+
+
+def cache_key(base: str, examples: Sequence[tuple[list[dict], str]], seed: int, **settings) -> str:
+    """A digest of everything that decides the adapter: base, data, seed, settings."""
+    digest = hashlib.sha256(
+        json.dumps(
+            [os.path.abspath(base), examples, seed, LORA, TRAINING, settings], sort_keys=True
+        ).encode()
+    )
+    return digest.hexdigest()[:16]
+
+
+def train_lora(
+    base: str,
+    examples: Sequence[tuple[list[dict], str]],
+    out: str,
+    *,
+    seed: int,
+    steps: int | None = None,
+    progress: str | None = None,
+) -> float:
+    """Train an adapter of ``base`` on ``(chat turns before the answer, answer)`` pairs and
+    save it to ``out`` (written aside and moved in place). Returns the seconds it took;
+    0 when ``out`` already holds it."""
+    if os.path.isfile(os.path.join(out, "adapter_model.safetensors")):
+        return 0.0
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    steps = steps or TRAINING["steps"]
+    size = TRAINING["batch_size"]
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(**LORA))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=TRAINING["learning_rate"])
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    end = [tokenizer.convert_tokens_to_ids(tokenizer.eos_token)]
+    model.train()
+    for step in range(steps):
+        rows = []
+        for k in range(step * size, (step + 1) * size):
+            turns, answer = examples[order[k % len(order)]]
+            context = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+            target = tokenizer(answer, add_special_tokens=False)["input_ids"] + end
+            rows.append((ids + target, [-100] * len(ids) + target))
+        width = max(len(ids) for ids, _ in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end[0]
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if progress and (step % 20 == 0 or step == steps - 1):
+            print(f"{progress}: step {step + 1}/{steps}, loss {loss.item():.3f}", flush=True)
+    partial = out + ".partial"
+    model.save_pretrained(partial)
+    os.replace(partial, out)
+    return time.perf_counter() - started
