@@ -145,13 +145,16 @@ def load_chat_tasks(
     ]
 
 
-def write_task_files(tasks: list[ChatTask], split: str, directory: str) -> str:
+def write_task_files(
+    tasks: list[ChatTask], split: str, directory: str, limit: int | None = None
+) -> str:
     """``directory/<task>.jsonl`` per task in ``mergekit_corespace.evaluate``'s chat format
-    (with ``choices`` for the classifications): the files the tuner reads."""
+    (with ``choices`` for the classifications): the files the tuner reads. ``limit``: only
+    the split's first examples."""
     os.makedirs(directory, exist_ok=True)
     for task in tasks:
         with open(os.path.join(directory, f"{task.name}.jsonl"), "w", encoding="utf-8") as f:
-            for question, answer in getattr(task, split):
+            for question, answer in getattr(task, split)[:limit]:
                 record = {"messages": task.messages(question, answer)}
                 if task.choices:
                     record["choices"] = list(task.choices)

@@ -51,14 +51,16 @@ CACHE = os.path.expanduser("~/.cache/mergekit-corespace/llm")
 BIN = os.path.dirname(sys.executable)
 SEED = 0
 SPACES = {"core": "core_space", "knots": "knots", "full": "full_space"}
-METHODS = ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
+# mean(λ) is ta(λ/T) exactly (unit weights), so ta's λ grid already holds its merges
+METHODS = ["ta", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
 # λ (and density) tried on validation per inner method: the merged delta of six adapters
-# is a sum (ta, ties, dare…), a mean, or a spectrum-flattened sum (iso_*), hence the ranges
-LAMBDA = {"ta": [0.25, 0.5, 0.75, 1.0], "mean": [1.0, 2.0, 3.0, 4.0], "ties": [0.5, 0.75, 1.0, 1.5]}
-LAMBDA |= {"dare": LAMBDA["ta"], "dare_ties": LAMBDA["ties"]}
+# is a sum (ta, dare), a sign-elected sum (ties, dare_ties) or a whitened / flattened one
+LAMBDA = {"ta": [0.25, 0.5, 0.75, 1.0], "dare": [0.25, 0.5, 0.75], "ties": [0.5, 1.0, 1.5]}
+LAMBDA |= {"dare_ties": LAMBDA["ties"], "mean": [1.0, 2.0, 4.0]}
 DENSITY = {"ties": [0.3, 0.7], "dare": [0.3, 0.7], "dare_ties": [0.3, 0.7]}
+AGREEMENT = 100  # test examples per task on which the merged adapter is compared
 FULL = dict(
-    tasks=chat_tasks.TASK_NAMES, methods=METHODS, spaces=list(SPACES), validation=50, test=300
+    tasks=chat_tasks.TASK_NAMES, methods=METHODS, spaces=list(SPACES), validation=40, test=300
 )
 QUICK = dict(
     tasks=("news_topic", "sentiment", "addition"), methods=["ties"], spaces=["core"],
@@ -89,7 +91,8 @@ def base_model(smoke: bool, work: str) -> str:
     if smoke:  # a tiny random Llama with a character tokenizer and a chat template
         path = toy.save_tiny_model(os.path.join(work, "base"), "llama", dtype=torch.bfloat16)
         return toy.save_tiny_tokenizer(path)
-    from cost import CACHE as MODELS, smollm2  # bench/tune/cost.py: built once, shared
+    from cost import CACHE as MODELS  # bench/tune/cost.py: built once, shared
+    from cost import smollm2
 
     return smollm2(os.path.join(MODELS, "SmolLM2-135M-Instruct"))
 
@@ -236,10 +239,12 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
     tasks = chat_tasks.load_chat_tasks(plan["tasks"], seed=SEED, **sizes)
     validation = chat_tasks.write_task_files(tasks, "validation", os.path.join(work, "val"))
     test = chat_tasks.write_task_files(tasks, "test", os.path.join(work, "test"))
+    head = chat_tasks.write_task_files(tasks, "test", os.path.join(work, "head"), AGREEMENT)
     adapters, trained = train_adapters(base, tasks, plan)
     print(f"adapters ready ({f'trained in {trained:.0f} s' if trained else 'cached'})")
     tokenizer = AutoTokenizer.from_pretrained(base)
     scorer = Scorer(tokenizer, test, plan["tasks"])
+    head_scorer = Scorer(tokenizer, head, plan["tasks"])
     names = list(scorer.tasks)
 
     # --- references: the base alone, each adapter on its own task --------------------
@@ -290,7 +295,10 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
         del model
         shutil.rmtree(merged)
         lora_seconds = run_script("mergekit-corespace-lora", config_path, lora)
-        same, total = agreement(answers, scorer.answers(load(base, lora)))
+        same, total = agreement(
+            {name: got[:AGREEMENT] for name, got in answers.items()},
+            head_scorer.answers(load(base, lora)),
+        )
         shutil.rmtree(lora)
         parameters = {k: v for k, v in best.point.items() if k in ("lambda", "density")}
         rows[label] = {
