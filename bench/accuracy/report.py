@@ -127,14 +127,15 @@ def plot(result: dict, path: str, *, title: str, zero_shot: str) -> None:
     figure, axis = plt.subplots(figsize=(11, 4))
     lows = []
     for offset, space in enumerate(SPACES):
-        points = [figures[f"{m} · {space}"]["normalized"] for m in methods]
+        present = [i for i, m in enumerate(methods) if f"{m} · {space}" in figures]
+        points = [figures[f"{methods[i]} · {space}"]["normalized"] for i in present]
         errors = [
             [point - low for point, (low, _) in points],
             [high - point for point, (_, high) in points],
         ]
         lows += [low for _, (low, _) in points]
         axis.bar(
-            [i + (offset - 1) * width for i in range(len(methods))],
+            [i + (offset - 1) * width for i in present],
             [point for point, _ in points],
             width,
             yerr=errors,
