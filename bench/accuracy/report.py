@@ -84,6 +84,33 @@ def p_text(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
+def task_table(first: str, labels, figures: dict, names) -> list[str]:
+    """Per-task test accuracy with intervals, a row per model."""
+    lines = [f"| {first} | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label in labels:
+        cells = " | ".join(ci(figures[label]["tasks"][name]) for name in names)
+        lines.append(f"| {label} | {cells} |")
+    return lines
+
+
+def comparison_table(comparisons: list[dict]) -> list[str]:
+    """The paired core-vs-other tests, a row per comparison, and what is significant."""
+    lines = [
+        "| method | core vs | difference | 95 % interval | p (bootstrap) | p (Holm) "
+        "| p (McNemar) | disagreements |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        low, high = c["interval"]
+        lines.append(
+            f"| {c['method']} | {SPACE_NAMES[c['other']]} | {c['difference']:+.3f} | "
+            f"[{low:+.3f}, {high:+.3f}] | {p_text(c['bootstrap_p'])} "
+            f"| {p_text(c['holm_p'])} | {p_text(c['mcnemar_p'])} "
+            f"| {c['disagreements']} |"
+        )
+    return [*lines, "", closing_note(comparisons)]
+
+
 def closing_note(comparisons: list[dict]) -> str:
     """Which core-vs-other differences are significant at 5 % (paired bootstrap)."""
 

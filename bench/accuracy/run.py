@@ -373,12 +373,8 @@ def render(saved: dict, result: dict) -> str:
         "",
         "## Per task (test accuracy, 95 % interval)",
         "",
-        "| encoder | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
     ]
-    for label in saved["rows"]:
-        cells = " | ".join(report.ci(figures[label]["tasks"][name]) for name in names)
-        lines.append(f"| {label} | {cells} |")
+    lines += report.task_table("encoder", saved["rows"], figures, names)
     comparisons = result["comparisons"]
     if comparisons:
         lines += [
@@ -391,19 +387,8 @@ def render(saved: dict, result: dict) -> str:
             "on the pooled test examples (average accuracy), and the number of test examples "
             "on which the two encoders' outcomes differ.",
             "",
-            "| method | core vs | difference | 95 % interval | p (bootstrap) | p (Holm) "
-            "| p (McNemar) | disagreements |",
-            "|---|---|---|---|---|---|---|---|",
         ]
-        for c in comparisons:
-            low, high = c["interval"]
-            lines.append(
-                f"| {c['method']} | {report.SPACE_NAMES[c['other']]} | {c['difference']:+.3f} | "
-                f"[{low:+.3f}, {high:+.3f}] | {report.p_text(c['bootstrap_p'])} "
-                f"| {report.p_text(c['holm_p'])} | {report.p_text(c['mcnemar_p'])} "
-                f"| {c['disagreements']} |"
-            )
-        lines += ["", report.closing_note(comparisons)]
+        lines += report.comparison_table(comparisons)
     return "\n".join(lines) + "\n"
 
 

@@ -439,12 +439,8 @@ def render(saved: dict, result: dict) -> str:
         "",
         "## Per task (test accuracy, 95 % interval)",
         "",
-        "| model | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
     ]
-    for label in rows:
-        cells = " | ".join(report.ci(figures[label]["tasks"][name]) for name in names)
-        lines.append(f"| {label} | {cells} |")
+    lines += report.task_table("model", rows, figures, names)
     lines += [
         "",
         "## Free generation",
@@ -469,19 +465,8 @@ def render(saved: dict, result: dict) -> str:
             f"{len(comparisons)} comparisons, the exact McNemar p-value on the pooled test "
             "examples, and the number of test examples the two answer differently (right/wrong).",
             "",
-            "| method | core vs | difference | 95 % interval | p (bootstrap) | p (Holm) "
-            "| p (McNemar) | disagreements |",
-            "|---|---|---|---|---|---|---|---|",
         ]
-        for c in comparisons:
-            low, high = c["interval"]
-            lines.append(
-                f"| {c['method']} | {report.SPACE_NAMES[c['other']]} | {c['difference']:+.3f} "
-                f"| [{low:+.3f}, {high:+.3f}] | {report.p_text(c['bootstrap_p'])} "
-                f"| {report.p_text(c['holm_p'])} | {report.p_text(c['mcnemar_p'])} "
-                f"| {c['disagreements']} |"
-            )
-        lines += ["", report.closing_note(comparisons)]
+        lines += report.comparison_table(comparisons)
     lines += ["", "## Grids", "", "```json", json.dumps(saved["grids"]), "```"]
     lines += ["", "## The models answering", ""]
     lines += [
