@@ -108,6 +108,7 @@ def test_holm_adjustment_matches_hand_computation():
 
 
 def test_results_page_lists_which_core_differences_are_significant():
+    import report
     import run
 
     tasks = {"a": 400, "b": 400}
@@ -139,7 +140,7 @@ def test_results_page_lists_which_core_differences_are_significant():
             for p in [row["predictions"]]
         },
     }
-    page = run.render(saved, run.summary(saved))
+    page = run.render(saved, report.summary(saved))
     note = page.rsplit("\n\n", 1)[1]
     significant, rest = note.split("**Not significant at 5 %**")
     assert "ties core vs full space" in significant and "ta core" not in significant
