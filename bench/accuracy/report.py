@@ -93,6 +93,24 @@ def task_table(first: str, labels, figures: dict, names) -> list[str]:
     return lines
 
 
+def comparison_section(comparisons: list[dict], models: str) -> list[str]:
+    """The page's section of paired core-vs-other tests (none without comparisons)."""
+    if not comparisons:
+        return []
+    return [
+        "",
+        "## Core space against full space and KnOTS, same inner method",
+        "",
+        "Difference of normalized accuracy (core − other) on the same test examples, its "
+        "95 % paired-bootstrap interval and two-sided p-value, the p-value Holm-adjusted "
+        f"over the {len(comparisons)} comparisons of this page, the exact McNemar p-value "
+        "on the pooled test examples (average accuracy), and the number of test examples "
+        f"on which the two {models}' outcomes differ.",
+        "",
+        *comparison_table(comparisons),
+    ]
+
+
 def comparison_table(comparisons: list[dict]) -> list[str]:
     """The paired core-vs-other tests, a row per comparison, and what is significant."""
     lines = [

@@ -375,20 +375,7 @@ def render(saved: dict, result: dict) -> str:
         "",
     ]
     lines += report.task_table("encoder", saved["rows"], figures, names)
-    comparisons = result["comparisons"]
-    if comparisons:
-        lines += [
-            "",
-            "## Core space against full space and KnOTS, same inner method",
-            "",
-            "Difference of normalized accuracy (core − other) on the same test examples, its "
-            "95 % paired-bootstrap interval and two-sided p-value, the p-value Holm-adjusted "
-            f"over the {len(comparisons)} comparisons of this page, the exact McNemar p-value "
-            "on the pooled test examples (average accuracy), and the number of test examples "
-            "on which the two encoders' outcomes differ.",
-            "",
-        ]
-        lines += report.comparison_table(comparisons)
+    lines += report.comparison_section(result["comparisons"], "encoders")
     return "\n".join(lines) + "\n"
 
 

@@ -276,7 +276,9 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
     # --- λ / density on validation, by the tuner --------------------------------------
     recipe_path = toy.write_yaml(os.path.join(work, "recipe.yml"), recipe_text(base, adapters))
     raw = yaml.safe_load(recipe_text(base, adapters))
-    tuning = os.path.join(plan["cache"], "tune", train.cache_key(base, [validation], SEED))
+    # keyed by the validation examples (not their temporary folder), so a rerun resumes
+    splits = [task.validation for task in tasks]
+    tuning = os.path.join(plan["cache"], "tune", train.cache_key(base, splits, SEED))
     chosen, tune_seconds = {}, 0.0
     for space, methods in plan["spaces"].items():
         for method in methods:
@@ -454,19 +456,7 @@ def render(saved: dict, result: dict) -> str:
     for label, hits in saved["free_generation"].items():
         cells = " | ".join(f"{_accuracy(hits[name]):.3f}" for name in names)
         lines.append(f"| {label} | {cells} |")
-    comparisons = result["comparisons"]
-    if comparisons:
-        lines += [
-            "",
-            "## Core space against full space and KnOTS, same inner method",
-            "",
-            "Difference of normalized accuracy (core − other) on the same test examples, its "
-            "95 % paired-bootstrap interval and p-value, Holm-adjusted over the "
-            f"{len(comparisons)} comparisons, the exact McNemar p-value on the pooled test "
-            "examples, and the number of test examples the two answer differently (right/wrong).",
-            "",
-        ]
-        lines += report.comparison_table(comparisons)
+    lines += report.comparison_section(result["comparisons"], "models")
     lines += ["", "## Grids", "", "```json", json.dumps(saved["grids"]), "```"]
     lines += ["", "## The models answering", ""]
     lines += [
