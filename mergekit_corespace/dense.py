@@ -156,15 +156,11 @@ def merge_saved(
     parameters: MergeParameters,
     seed: int = 0,
 ) -> MergedDelta:
-    """The merged ΔW of a weight saved whole, λ applied, as row blocks computed when read
+    """The merged ΔW of a weight saved whole, before λ, as row blocks computed when read
     (by :meth:`~mergekit_corespace.spaces.MergedDelta.applied_to`); the passes the method
     needs first (thresholds, Gram matrices) run now."""
-    p, weights = parameters, list(weights)
-    method = _METHODS[p.merge]
-    produce = method(tasks, weights, p, seed)
-    return MergedDelta(
-        dense=RowBlocks(tasks.shape, lambda: (p.lambda_ * block for block in produce()))
-    )
+    produce = _METHODS[parameters.merge](tasks, list(weights), parameters, seed)
+    return MergedDelta(dense=RowBlocks(tasks.shape, produce))
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Pure torch plus safetensors reads; no mergekit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,7 +44,8 @@ def inner_merge(
     seed: int = 0,
     thresholds: Sequence[float] | None = None,
 ):
-    """The inner method of ``parameters`` as a function of the T task matrices, λ applied.
+    """The inner method of ``parameters`` as a function of the T task matrices (λ is
+    applied to the merged delta, by :func:`merge_factors`).
 
     ``seed`` seeds DARE's masks; ``thresholds`` (per task) replace TIES' per-module top-k
     under ``ties_scope: global``."""
@@ -69,8 +70,8 @@ def inner_merge(
 
     def merge(tasks: Sequence[torch.Tensor]) -> torch.Tensor:
         if tasks[0].dim() < 2 and p.merge in SVD_METHODS:
-            return p.lambda_ * merges.weighted_mean(tasks, weights)
-        return p.lambda_ * methods[p.merge](tasks)
+            return merges.weighted_mean(tasks, weights)
+        return methods[p.merge](tasks)
 
     return merge
 
@@ -133,17 +134,34 @@ def merge_module(
     views: list[torch.Tensor] | None = None,
     seed: int = 0,
     thresholds: Sequence[float] | None = None,
+    *,
+    scaled: bool = True,
+    spaces: SpaceCache | None = None,
+    name: str = "",
 ) -> MergedDelta:
     """One module's merged ΔW from each adapter's parts of it (``read_inputs`` then
     ``merge_factors``). Where some adapter saved the weight whole, the T dense deltas are
-    merged in row blocks instead (:mod:`mergekit_corespace.dense`), never all in memory."""
+    merged in row blocks instead (:mod:`mergekit_corespace.dense`), never all in memory.
+
+    ``scaled=False``: before λ. ``spaces``: KnOTS spaces kept across merges of the same
+    adapters, under the weight's ``name``."""
     saved = any(isinstance(p, DenseWeight) for parts in contributions for p in parts)
+    lambda_ = parameters.lambda_ if scaled else 1.0
     if saved and dense.streams(parameters, tuple(base.shape), len(contributions)):
         dtype = COMPUTE_DTYPES[parameters.precision]
         tasks = dense.DenseTasks(contributions, base, dtype, device, views)
-        return dense.merge_saved(tasks, weights, parameters, seed)
-    inputs = read_inputs(contributions, parameters, device, base, views)
-    return merge_factors(inputs, weights, parameters, space, seed, thresholds)
+        return dense.merge_saved(tasks, weights, parameters, seed).scaled(lambda_)
+
+    def build():
+        inputs = read_inputs(contributions, parameters, device, base, views)
+        return task_space(inputs, parameters, space)
+
+    if spaces is not None and space == "knots" and not saved:
+        key = (name, parameters.knots_scale_tasks, parameters.precision, str(device))
+        chosen = spaces.get(key, build)
+    else:
+        chosen = build()
+    return merged_in(chosen, weights, parameters, seed, thresholds).scaled(lambda_)
 
 
 def merge_factors(
@@ -154,9 +172,39 @@ def merge_factors(
     seed: int = 0,
     thresholds: Sequence[float] | None = None,
 ) -> MergedDelta:
-    """Merge one module's task inputs in ``space`` with the inner method of ``parameters``."""
+    """Merge one module's task inputs in ``space`` with the inner method of ``parameters``,
+    λ applied."""
     chosen = task_space(inputs, parameters, space)
+    merged = merged_in(chosen, weights, parameters, seed, thresholds)
+    return merged.scaled(parameters.lambda_)
+
+
+def merged_in(chosen, weights, parameters, seed, thresholds) -> MergedDelta:
+    """The inner method run on the tasks of the space ``chosen``, mapped back; before λ."""
     return chosen.back(inner_merge(parameters, weights, seed, thresholds)(chosen.tasks))
+
+
+class SpaceCache:
+    """KnOTS spaces of modules, kept from one merge of the same adapters to the next (the
+    tuner's grid points). Their SVD of the concatenated dense deltas is most of a KnOTS
+    merge's time and does not depend on the inner method, density or λ; core spaces cost
+    little to rebuild and full-space tasks are too large to keep. Holds at most
+    ``max_bytes``; modules past that are rebuilt each time."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.spaces: dict[tuple, object] = {}
+
+    def get(self, key: tuple, build: Callable[[], object]):
+        chosen = self.spaces.get(key)
+        if chosen is None:
+            chosen = build()
+            size = sum(t.numel() * t.element_size() for t in (chosen.u, chosen.s, *chosen.tasks))
+            if self.bytes + size <= self.max_bytes:
+                self.spaces[key] = chosen
+                self.bytes += size
+        return chosen
 
 
 def global_ties_thresholds(

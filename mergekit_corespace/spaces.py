@@ -97,6 +97,17 @@ class MergedDelta:
             out[start : start + rows] = block
         return out
 
+    def scaled(self, factor: float) -> MergedDelta:
+        """``factor · ΔW`` (the left factor scaled, or each dense block as it is read)."""
+        if isinstance(self.dense, RowBlocks):
+            produce = self.dense.produce
+            return MergedDelta(
+                dense=RowBlocks(self.dense.shape, lambda: (factor * b for b in produce()))
+            )
+        if self.dense is not None:
+            return MergedDelta(dense=factor * self.dense)
+        return MergedDelta(left=factor * self.left, right=self.right)
+
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Thin SVD of ΔW. Factored: QR of both factors and an SVD of the k×k product of
         their R's — nothing m×n is formed. Dense: the thin SVD of the m×n delta itself."""
@@ -125,6 +136,10 @@ class LowRankDelta:
     @property
     def rank(self) -> int:
         return self.b.shape[1]
+
+    def scaled(self, factor: float) -> LowRankDelta:
+        """``factor · ΔW``; the cut and its relative error do not change with a scale."""
+        return LowRankDelta(b=factor * self.b, a=self.a, relative_error=self.relative_error)
 
 
 def truncate(
@@ -178,18 +193,22 @@ class CoreSpace:
 
 
 class KnotsSpace:
-    """One SVD of ``[ΔW₁ … ΔW_T]`` (m×T·n), built block by block in one buffer."""
+    """One SVD of ``[ΔW₁ … ΔW_T]`` (m×T·n), built block by block in one buffer.
+
+    LAPACK is given the transpose ``[ΔW₁ᵀ; …; ΔW_Tᵀ]`` (T·n×m, tall): the same SVD with
+    the factors' roles swapped, 2–3.5× faster than the wide matrix on the CPU."""
 
     def __init__(self, factors: Sequence[LowRank], scale_tasks: bool = True):
         m, n = factors[0][0].shape[0], factors[0][1].shape[1]
-        concatenated = factors[0][0].new_empty(m, n * len(factors))
+        stacked = factors[0][0].new_empty(n * len(factors), m)
         for t, (b, a) in enumerate(factors):
-            concatenated[:, t * n : (t + 1) * n] = b @ a
-        u, s, vh = torch.linalg.svd(concatenated, full_matrices=False)
-        del concatenated
+            torch.mm(a.T, b.T, out=stacked[t * n : (t + 1) * n])
+        v, s, uh = torch.linalg.svd(stacked, full_matrices=False)
+        del stacked
         k = relative_rank_cut(s, (m, n * len(factors)))
-        self.u, self.s, self.scale_tasks = u[:, :k], s[:k], scale_tasks
-        blocks = vh[:k].split(n, dim=1)
+        # copies, not views: the kept k columns should not hold the whole factors alive
+        self.u, self.s, self.scale_tasks = uh[:k].T.contiguous(), s[:k].clone(), scale_tasks
+        blocks = [block.contiguous() for block in v[:, :k].T.split(n, dim=1)]
         self.tasks = [self.s[:, None] * v for v in blocks] if scale_tasks else list(blocks)
 
     def back(self, merged: torch.Tensor) -> MergedDelta:

@@ -3,10 +3,13 @@
 The base model is loaded once. Each grid point is the user's recipe with some top-level
 ``parameters`` (and ``merge_method``) replaced; it is merged to one LoRA adapter in memory
 by the code ``mergekit-corespace-lora`` writes with
-(:func:`~mergekit_corespace.glue.adapter_output.merged_adapter`), applied to the loaded base
+(:func:`~mergekit_corespace.glue.adapter_output.factored_merge`), applied to the loaded base
 with PEFT (added next to the previous point's adapter, which is then deleted: the base
 weights are never touched), scored on every task file by
-:mod:`mergekit_corespace.evaluate`, and dropped.
+:mod:`mergekit_corespace.evaluate`, and dropped. Points that differ only in λ share one
+merge (λ scales the merged delta last, so the scaled factors are bit for bit a fresh
+merge's), and KnOTS points share each module's KnOTS space (its SVD is most of a KnOTS
+merge's time).
 
 Task files are matched to adapters by name: ``DIR/nli.jsonl`` is the task of the adapter
 whose directory (or Hub repository) is named ``nli``. Its score with that adapter alone is
@@ -39,6 +42,7 @@ import yaml
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Evaluator, Task, check_tokenizer, normalised_score
 from mergekit_corespace.options import METHOD_PARAMETERS, parameter_names
+from mergekit_corespace.pipeline import SpaceCache
 
 LOG = logging.getLogger(__name__)
 
@@ -166,6 +170,20 @@ def point_recipe(recipe: Mapping[str, Any], point: Mapping[str, Any]) -> dict[st
     return recipe
 
 
+def lambda_groups(points: Sequence[Mapping[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The points in groups that differ only in a numeric λ (in order of first
+    appearance): one merge serves a whole group, scaled per point."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        lam = point.get("lambda")
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+            key = _key({k: v for k, v in point.items() if k != "lambda"})
+        else:
+            key = _key(point) + " alone"
+        groups.setdefault(key, []).append(dict(point))
+    return list(groups.values())
+
+
 def label(point: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={value}" for key, value in point.items())
 
@@ -195,7 +213,8 @@ def tune(
         data: a directory of ``*.jsonl`` task files (:mod:`mergekit_corespace.evaluate`);
             ``nli.jsonl`` is the task of the adapter named ``nli``.
         grid: ``["lambda=0.5,1,2", "merge=ta,ties density=0.3,0.7"]`` or
-            ``{"lambda": [0.5, 1, 2]}``; default ``lambda=0.25,0.5,0.75,1,1.5``.
+            ``{"lambda": [0.5, 1, 2]}``, or a list of such mappings (their points, in
+            order: e.g. a λ range per inner method); default ``lambda=0.25,0.5,0.75,1,1.5``.
         metric: ``auto``, ``choice``, ``exact`` or ``loglik`` for every task, or
             ``{task: metric}`` (``"*"`` for the rest).
         out: output directory (default ``<config stem>-tune``): points log, tables, plot,
@@ -237,26 +256,35 @@ def tune(
                 task.metric,
             )
             del references[task.name]
-    rows = []
-    bar = tqdm(plan.points, desc="Grid points", unit="point", disable=not progress)
-    for point in bar:
-        scores = log.scores(point)
-        if scores is None:
-            scores, times = session.score(point)
-            log.add_point(point, scores)
-            row = _row(point, scores, plan, references)
-            if on_point is not None:
-                on_point(row, times)
-        else:
-            row = _row(point, scores, plan, references)
-        rows.append(row)
+    rows = {}
+    bar = tqdm(total=len(plan.points), desc="Grid points", unit="point", disable=not progress)
+
+    def scored(point, scores):
+        rows[_key(point)] = row = _row(point, scores, plan, references)
+        bar.update()
         bar.set_postfix_str(
             f"{label(point)}: "
             + " ".join(f"{task} {score:.3f}" for task, score in scores.items())
             + f" | avg {row.average:.3f}"
         )
+        return row
+
+    pending = []
+    for point in plan.points:
+        scores = log.scores(point)
+        if scores is None:
+            pending.append(point)
+        else:
+            scored(point, scores)
+    for group in lambda_groups(pending):
+        for point, scores, times in session.score(group):
+            log.add_point(point, scores)
+            row = scored(point, scores)
+            if on_point is not None:
+                on_point(row, times)
+    bar.close()
     session.close()
-    result = _result(plan, references, rows)
+    result = _result(plan, references, [rows[_key(point)] for point in plan.points])
     _write_outputs(plan, result)
     if merge is not None:
         result.merged = _final_merge(plan, result, merge)
@@ -307,10 +335,13 @@ class _Plan:
         if batch_size < 1:
             raise CoreSpaceError(f"--batch-size {batch_size}: must be at least 1")
         recipe = _read_recipe(config_path)
-        grid = parse_grid(grid)
+        several = isinstance(grid, Sequence) and grid and all(isinstance(g, Mapping) for g in grid)
+        grids = [parse_grid(one) for one in (grid if several else [grid])]
         metrics = {"*": metric} if isinstance(metric, str) else dict(metric)
         tasks = read_tasks(os.fspath(data), metrics)
-        points = grid_points(grid, recipe)
+        points = []
+        for one in grids:
+            points += [p for p in grid_points(one, recipe) if p not in points]
         options = MergeOptions(
             quiet=True,
             write_model_card=False,
@@ -396,6 +427,7 @@ class _Session:
         self.active: str | None = None
         self.count = 0
         self._base = None
+        self.spaces = SpaceCache()  # KnOTS spaces, shared by every point
 
     def _base_model(self):
         if self._base is None:
@@ -464,17 +496,29 @@ class _Session:
         self._swap(add)
         return self.evaluator.score(self.model, task)
 
-    def score(self, point: Mapping[str, Any]) -> tuple[dict[str, float], PointTimes]:
-        from mergekit_corespace.glue.adapter_output import merged_adapter
+    def score(self, group: Sequence[Mapping[str, Any]]):
+        """Score each point of a group from :func:`lambda_groups`: merged once, before λ,
+        and scaled per point (unless an adapter saved a weight whole, which holds its λ).
+        Yields ``(point, scores, times)``."""
+        from mergekit_corespace.glue.adapter_output import factored_merge
 
-        started = time.perf_counter()
-        merged = merged_adapter(self.plan.config_of(point), self.plan.options)
-        merged_at = time.perf_counter()
-        self._apply(merged.export)
-        applied_at = time.perf_counter()
-        scores = {task.name: self.evaluator.score(self.model, task) for task in self.plan.tasks}
-        done = time.perf_counter()
-        return scores, PointTimes(merged_at - started, applied_at - merged_at, done - applied_at)
+        merged = None
+        for point in group:
+            started = time.perf_counter()
+            if merged is None or merged.saved:
+                merged = factored_merge(
+                    self.plan.config_of(point), self.plan.options, spaces=self.spaces
+                )
+            adapter = merged.adapter(
+                point["lambda"] if len(group) > 1 and not merged.saved else None
+            )
+            merged_at = time.perf_counter()
+            self._apply(adapter.export)
+            applied_at = time.perf_counter()
+            scores = {task.name: self.evaluator.score(self.model, task) for task in self.plan.tasks}
+            done = time.perf_counter()
+            times = PointTimes(merged_at - started, applied_at - merged_at, done - applied_at)
+            yield point, scores, times
 
     def close(self) -> None:
         if self.model is not None and self.active is not None:

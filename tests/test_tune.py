@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from mergekit_corespace import toy
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Evaluator, read_task, read_tasks
-from mergekit_corespace.tune import grid_points, parse_grid, point_recipe, tune
+from mergekit_corespace.tune import grid_points, lambda_groups, parse_grid, point_recipe, tune
 
 ANSWER_TOKENS = 4
 EXAMPLES = 10
@@ -479,7 +479,8 @@ def test_interrupted_run_resumes_with_only_the_remaining_points(setup, tmp_path)
         on_point=lambda row, times: scored_again.append(row.point),
         **run,
     )
-    assert scored_again == [p for p in grid_points(parse_grid(grid), {}) if p not in scored]
+    remaining = [p for p in grid_points(parse_grid(grid), {}) if p not in scored]
+    assert scored_again == [p for group in lambda_groups(remaining) for p in group]
     fresh = tune(setup["recipe"], setup["data"], grid, out=tmp_path / "fresh", **run)
     for name in ("results.csv", "results.json", "best.yml"):
         assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
@@ -520,3 +521,88 @@ def test_a_log_of_another_recipe_is_refused_and_fresh_starts_over(setup, tmp_pat
         **run,
     )
     assert len(scored) == 1
+
+
+def test_lambda_groups_pair_points_that_differ_only_in_lambda():
+    points = grid_points(parse_grid(["lambda=0.5,1 merge=ta,ties density=0.3,0.6"]), {})
+    groups = lambda_groups(points)
+    assert [len(g) for g in groups] == [2, 2, 2]
+    for group in groups:
+        rest = [{k: v for k, v in p.items() if k != "lambda"} for p in group]
+        assert all(r == rest[0] for r in rest) and [p["lambda"] for p in group] == [0.5, 1]
+    assert sorted(map(str, (p for g in groups for p in g))) == sorted(map(str, points))
+    assert lambda_groups([{"merge": "ta"}, {"merge": "ties"}]) == [
+        [{"merge": "ta"}],
+        [{"merge": "ties"}],
+    ]
+
+
+@pytest.mark.parametrize(
+    "space,merge", [("knots", "ties"), ("core_space", "dare"), ("full_space", "tsv")]
+)
+def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, space, merge):
+    """The tuner's shortcut: a merge before λ, its factors scaled, and KnOTS spaces reused
+    from a cache, give exactly the adapter ``mergekit-corespace-lora`` writes at that λ."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_corespace.glue.adapter_output import factored_merge, merged_adapter
+    from mergekit_corespace.glue.internals import install
+    from mergekit_corespace.pipeline import SpaceCache
+
+    install()  # what the tuner does first: recipes name adapters as BASE+ADAPTER
+    recipe = yaml.safe_load(open(setup["recipe"]))
+
+    def config(lam, method=merge):
+        point = {"merge_method": space, "merge": method, "lambda": lam}
+        return MergeConfiguration.model_validate(point_recipe(recipe, point))
+
+    options, spaces = MergeOptions(quiet=True, random_seed=3), SpaceCache()
+    factored_merge(config(1.0, "ta"), options, spaces=spaces)  # fills the cache
+    assert (len(spaces.spaces) > 0) == (space == "knots")
+    merged = factored_merge(config(1.0), options, spaces=spaces)
+    for lam in (0.5, 2, -1.5):
+        fresh = merged_adapter(config(lam), options).export.tensors
+        scaled = merged.adapter(lam).export.tensors
+        assert fresh.keys() == scaled.keys()
+        assert all(torch.equal(fresh[k], scaled[k]) for k in fresh), lam
+    one = merged.adapter(1.0).export.tensors
+    two = merged.adapter(2.0).export.tensors
+    name = next(k for k in one if k.endswith("lora_B.weight"))
+    assert torch.allclose(two[name], 2 * one[name]) and one[name].abs().max() > 0
+
+
+def test_a_grid_merges_once_per_lambda_group(setup, tmp_path, monkeypatch):
+    from mergekit_corespace.glue import adapter_output
+
+    calls = []
+    original = adapter_output.factored_merge
+
+    def counted(config, *args, **kwargs):
+        calls.append(config.parameters["merge"])
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_output, "factored_merge", counted)
+    grid = ["lambda=0.5,1,2 merge=ta,ties"]
+    result = tune(
+        setup["recipe"], setup["data"], grid, out=tmp_path, metric="loglik", progress=False
+    )
+    assert len(result.rows) == 6 and calls == ["ta", "ties"]
+
+
+def test_a_list_of_grids_scores_the_union_of_their_points(setup, tmp_path):
+    grids = [
+        {"merge": ["ta"], "lambda": [0.25, 0.5]},
+        {"merge": ["ties"], "lambda": [1, 2], "density": [0.5]},
+        {"merge": ["ta"], "lambda": [0.5]},  # already listed: one point
+    ]
+    result = tune(
+        setup["recipe"], setup["data"], grids, out=tmp_path, metric="loglik", progress=False
+    )
+    assert [row.point for row in result.rows] == [
+        {"merge": "ta", "lambda": 0.25},
+        {"merge": "ta", "lambda": 0.5},
+        {"merge": "ties", "lambda": 1, "density": 0.5},
+        {"merge": "ties", "lambda": 2, "density": 0.5},
+    ]

@@ -22,7 +22,8 @@ from mergekit_corespace.glue.staging import claimed_output
 from mergekit_corespace.glue.tasks import WeightMergeTask
 from mergekit_corespace.lora_export import LoraExport, lora_export
 from mergekit_corespace.memory import release_file_pages
-from mergekit_corespace.spaces import truncate
+from mergekit_corespace.pipeline import SpaceCache
+from mergekit_corespace.spaces import LowRankDelta, truncate
 
 LOG = logging.getLogger(__name__)
 _RELEASE_EVERY = 64  # modules between releases of the adapter files' mapped pages
@@ -87,24 +88,63 @@ def merged_adapter(
 ) -> MergedAdapter:
     """The merged adapter :func:`merge_to_adapter` writes, computed in memory only (the
     tuner applies it to a loaded base with PEFT). ``run``: the config already validated."""
+    return factored_merge(config, options, rank, energy, run).adapter()
+
+
+@dataclass
+class FactoredMerge:
+    """A merge's modules cut to low rank before λ, and what turns them into an adapter.
+
+    λ scales the merged delta last, so the adapter at another λ is these factors scaled
+    (:meth:`adapter`), bit for bit what a fresh merge at that λ gives — unless some adapter
+    saved a weight whole (``saved``: those are written as ``base + λ·ΔW``)."""
+
+    modules: dict[str, LowRankDelta]
+    lambdas: dict[str, float]  # module -> the config's λ for it
+    layouts: dict[str, str]
+    saved: dict[str, torch.Tensor]
+    run: ValidatedRun
+    dtype: torch.dtype
+
+    def adapter(self, lambda_: float | None = None) -> MergedAdapter:
+        """The adapter at the config's λ, or at ``lambda_`` for every module."""
+        if lambda_ is not None and self.saved:
+            raise ValueError("weights saved whole hold their λ; merge again for another")
+        modules = {
+            name: delta.scaled(self.lambdas[name] if lambda_ is None else float(lambda_))
+            for name, delta in self.modules.items()
+        }
+        export = lora_export(
+            modules,
+            base_model_name_or_path=self.run.base_model.model.path,
+            base_model_revision=self.run.base_model.model.revision,
+            inputs=[adapter.config for adapter in self.run.adapters.values()],
+            layouts=self.layouts,
+            saved=self.saved,
+            dtype=self.dtype,
+        )
+        report = AdapterReport(
+            path=None,
+            ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
+            errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
+        )
+        return MergedAdapter(export=export, report=report)
+
+
+def factored_merge(
+    config,
+    options,
+    rank: int | None = None,
+    energy: float | None = None,
+    run: ValidatedRun | None = None,
+    spaces: SpaceCache | None = None,
+) -> FactoredMerge:
+    """The config's merge as :class:`FactoredMerge`; ``spaces`` keeps KnOTS spaces for the
+    next merge of the same adapters (:class:`~mergekit_corespace.pipeline.SpaceCache`)."""
     _check_method(config)
     run = run if run is not None else validate_run(config, options)
-    modules, layouts, saved = _merged_modules(config, options, run, rank, energy)
-    export = lora_export(
-        modules,
-        base_model_name_or_path=run.base_model.model.path,
-        base_model_revision=run.base_model.model.revision,
-        inputs=[adapter.config for adapter in run.adapters.values()],
-        layouts=layouts,
-        saved=saved,
-        dtype=_dtype(config),
-    )
-    report = AdapterReport(
-        path=None,
-        ranks={name: delta.rank for name, delta in modules.items() if delta.rank},
-        errors={name: delta.relative_error for name, delta in modules.items() if delta.rank},
-    )
-    return MergedAdapter(export=export, report=report)
+    modules, lambdas, layouts, saved = _merged_modules(config, options, run, rank, energy, spaces)
+    return FactoredMerge(modules, lambdas, layouts, saved, run, _dtype(config))
 
 
 def _check_method(config) -> None:
@@ -132,10 +172,11 @@ def merge_devices(options) -> list[str]:
     return [device]
 
 
-def _merged_modules(config, options, run, rank: int | None, energy: float | None):
-    """Each merged module's low-rank delta (cut to ``rank`` / ``energy``) and its layout,
-    and the weights some adapter saved whole, merged whole. Results are moved to the CPU
-    as each module finishes, so a device holds one module's work at a time."""
+def _merged_modules(config, options, run, rank: int | None, energy: float | None, spaces=None):
+    """Each merged module's low-rank delta before λ (cut to ``rank`` / ``energy``), its λ
+    and layout, and the weights some adapter saved whole, merged whole (λ applied).
+    Results are moved to the CPU as each module finishes, so a device holds one module's
+    work at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -153,10 +194,11 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
             base = task.base.execute().to(device)
             delta = task.merged_delta(device, thresholds, base=base, views=read)
             return delta.applied_to(base).cpu(), read
-        cut = truncate(task.merged_delta(device, thresholds, views=read), rank=rank, energy=energy)
+        delta = task.merged_delta(device, thresholds, views=read, scaled=False, spaces=spaces)
+        cut = truncate(delta, rank=rank, energy=energy)
         return replace(cut, b=cut.b.cpu(), a=cut.a.cpu()), read
 
-    modules, layouts, saved = {}, {}, {}
+    modules, lambdas, layouts, saved = {}, {}, {}, {}
     views = []  # adapter file views read so far: their pages are released in batches
     with ThreadPoolExecutor(len(devices)) as pool:
         results = (
@@ -180,6 +222,7 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
                 continue
             module = stored.removesuffix(".weight")
             modules[module] = result
+            lambdas[module] = task.parameters.lambda_
             first = task.contributions[0][0]
             layouts[module] = (
                 "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
@@ -191,4 +234,4 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
                 result.relative_error,
             )
     release_file_pages(*views)
-    return modules, layouts, saved
+    return modules, lambdas, layouts, saved

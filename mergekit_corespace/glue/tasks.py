@@ -15,7 +15,7 @@ from mergekit_corespace.adapters import Contribution, DenseWeight, LoraModule
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.options import MergeParameters, Space
-from mergekit_corespace.pipeline import global_ties_thresholds, merge_module
+from mergekit_corespace.pipeline import SpaceCache, global_ties_thresholds, merge_module
 from mergekit_corespace.spaces import MergedDelta
 
 
@@ -106,10 +106,14 @@ class WeightMergeTask(Task[torch.Tensor]):
         thresholds: tuple | None = None,
         base: torch.Tensor | None = None,
         views: list[torch.Tensor] | None = None,
+        *,
+        scaled: bool = True,
+        spaces: SpaceCache | None = None,
     ) -> MergedDelta:
         """This weight's merged ΔW, factored where the space allows. ``base`` is only read
         for weights some adapter saved whole (their delta is saved − base); ``views`` as
-        for :func:`~mergekit_corespace.pipeline.read_inputs`."""
+        for :func:`~mergekit_corespace.pipeline.read_inputs`; ``scaled``, ``spaces`` as for
+        :func:`~mergekit_corespace.pipeline.merge_module`."""
         return merge_module(
             self.contributions,
             self.weights,
@@ -122,4 +126,7 @@ class WeightMergeTask(Task[torch.Tensor]):
             thresholds=None
             if thresholds is None
             else [thresholds[i] for i in self.adapter_indices],
+            scaled=scaled,
+            spaces=spaces,
+            name=self.weight_name,
         )
