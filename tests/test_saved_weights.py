@@ -88,8 +88,8 @@ def test_row_blocked_elementwise_merges_give_the_whole_matrix_bits(
     monkeypatch.setattr(dense, "BLOCK_ELEMENTS", 64 * 48)
     monkeypatch.setattr(dense, "_GATHER_AT_MOST", gather)
     contributions, base = _saved_module(tmp_path, quantized=quantized)
-    for method, extra in ELEMENTWISE:
-        parameters = MergeParameters(merge=method, precision=precision, **extra)
+    for method, extra in ELEMENTWISE:  # λ scales each block as it is read
+        parameters = MergeParameters(merge=method, precision=precision, **extra, **{"lambda": 0.7})
         blocked = merge_module(contributions, WEIGHTS, parameters, "core", base=base, seed=7)
         assert isinstance(blocked.dense, dense.RowBlocks)
         whole = _whole(contributions, base, parameters)
