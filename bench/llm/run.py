@@ -205,7 +205,11 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="README demo: 3 tasks, core TIES")
     mode.add_argument("--smoke", action="store_true", help="CI: tiny random model, seconds")
-    mode.add_argument("--render", action="store_true", help="page and chart from saved JSON")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="page (and chart) from the saved JSON; with --quick, the demo's",
+    )
     parser.add_argument("--out", default=None, help="folder of results.md, predictions.json")
     parser.add_argument("--cache", default=CACHE)
     args = parser.parse_args()
@@ -218,7 +222,7 @@ def main() -> None:
     }
     if args.render:
         with open(paths["predictions"], encoding="utf-8") as handle:
-            publish(json.load(handle), paths)
+            publish(json.load(handle), paths, chart=not (args.quick or args.smoke))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
@@ -473,7 +477,7 @@ def render(saved: dict, result: dict) -> str:
             f"{spent['merging_seconds']} s merging (points differing only in λ share one "
             "merge, KnOTS points share each module's KnOTS space)"
         )
-    lines += ["", "```json", json.dumps(saved["grids"]), "```"]
+    lines += [""] * ("tuning" in saved) + ["```json", json.dumps(saved["grids"]), "```"]
     lines += ["", "## The models answering", ""]
     lines += [
         "The first test example of each task, answered by free greedy generation "
