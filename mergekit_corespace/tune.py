@@ -91,6 +91,27 @@ class TuneResult:
         """The result as a Markdown table, the winning row marked with *."""
         return _markdown(self)
 
+    def at_edge(self) -> list[str]:
+        """The winner's numeric settings that are the largest or smallest value tried with
+        its other settings: the best may lie beyond the grid, which should be widened."""
+        notes = []
+        for key, value in self.best.point.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            tried = {
+                row.point[key]
+                for row in self.rows
+                if key in row.point
+                and all(row.point.get(k) == v for k, v in self.best.point.items() if k != key)
+            }
+            if len(tried) < 2:
+                continue
+            if value == max(tried) and not (key == "density" and value >= 1):
+                notes.append(f"{key} {value} is the largest {key} tried")
+            elif value == min(tried):
+                notes.append(f"{key} {value} is the smallest {key} tried")
+        return notes
+
 
 def parse_grid(specs: Sequence[str] | Mapping[str, Sequence[Any]] | None) -> dict[str, list]:
     """``["lambda=0.5,1 merge=ta,ties", "density=0.3"]`` (or a mapping) -> values per
@@ -286,6 +307,8 @@ def tune(
     session.close()
     result = _result(plan, references, [rows[_key(point)] for point in plan.points])
     _write_outputs(plan, result)
+    for note in result.at_edge():
+        LOG.warning("the best point is at the grid's edge: %s; a wider grid may score higher", note)
     if merge is not None:
         result.merged = _final_merge(plan, result, merge)
     return result
@@ -713,6 +736,9 @@ def _markdown(result: TuneResult) -> str:
         shown = ", ".join(f"{task} {score:.4f}" for task, score in result.references.items())
         lines.append(f"\nOwn adapter alone (references): {shown}")
     lines.append(f"Best by {result.selected_by}: {label(result.best.point)} (marked *)")
+    lines += [
+        f"At the grid's edge: {note}; a wider grid may score higher" for note in result.at_edge()
+    ]
     return "\n".join(lines)
 
 

@@ -24,7 +24,15 @@ from safetensors.torch import load_file
 from mergekit_corespace import toy
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Evaluator, read_task, read_tasks
-from mergekit_corespace.tune import grid_points, lambda_groups, parse_grid, point_recipe, tune
+from mergekit_corespace.tune import (
+    Row,
+    TuneResult,
+    grid_points,
+    lambda_groups,
+    parse_grid,
+    point_recipe,
+    tune,
+)
 
 ANSWER_TOKENS = 4
 EXAMPLES = 10
@@ -229,6 +237,37 @@ def test_one_token_choices_are_picked_as_the_unbatched_oracle_picks(setup, tmp_p
     hits = Evaluator.hits(task, predictions)
     assert hits == [int(p == r["answer"]) for p, r in zip(expected, records)]
     assert evaluator.score(model, task) == sum(hits) / len(hits)
+
+
+class _FullLogitsOnly(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep``: every position's logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_logits_at_the_scored_positions_only_score_as_all_logits(setup):
+    """The evaluator sends only the scored positions through the output layer where the
+    model allows it (plain and PEFT-wrapped); a model without that gets the same scores."""
+    from transformers import AutoTokenizer
+
+    from mergekit_corespace.evaluate import _keeps_logits
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["base"])
+    model = _both_adapters(setup["base"], setup["adapters"])
+    plain = toy.load_model(setup["base"]).eval()
+    assert _keeps_logits(model) and _keeps_logits(plain)
+    assert not _keeps_logits(_FullLogitsOnly(plain))
+    evaluator = Evaluator(tokenizer, batch_size=3)
+    for net in (model, plain):
+        for name, metric in (("a", "loglik"), ("b", "loglik"), ("a", "choice")):
+            task = read_task(os.path.join(setup["data"], f"{name}.jsonl"), metric)
+            kept = evaluator.score(net, task)
+            assert evaluator.score(_FullLogitsOnly(net), task) == pytest.approx(kept, abs=1e-6)
 
 
 def test_written_adapter_is_the_one_the_tuner_scored(setup, exact_run):
@@ -606,3 +645,26 @@ def test_a_list_of_grids_scores_the_union_of_their_points(setup, tmp_path):
         {"merge": "ties", "lambda": 1, "density": 0.5},
         {"merge": "ties", "lambda": 2, "density": 0.5},
     ]
+
+
+def test_a_winner_at_the_edge_of_the_grid_is_pointed_out():
+    """λ or density the largest or smallest tried with the winner's other settings is named
+    in the table; a density of 1 cannot grow and an inner position is not named."""
+
+    def result(best, *points):
+        rows = [Row(point=p, scores={"t": 0.5}, average=0.5) for p in points]
+        winner = next(row for row in rows if row.point == best)
+        return TuneResult("out", {"t": "exact"}, {}, rows, winner, "average", "")
+
+    ties = [{"merge": "ties", "lambda": x, "density": d} for x in (0.5, 1) for d in (0.5, 1)]
+    other = {"merge": "ta", "lambda": 4}  # other settings: not compared with
+    assert result(ties[1], *ties, other).at_edge() == ["lambda 0.5 is the smallest lambda tried"]
+    assert result(ties[2], *ties).at_edge() == [
+        "lambda 1 is the largest lambda tried",
+        "density 0.5 is the smallest density tried",
+    ]
+    middle = [{"lambda": x} for x in (0.5, 1, 2)]
+    assert result(middle[1], *middle).at_edge() == []
+    table = result(middle[2], *middle).table()
+    assert table.endswith("lambda 2 is the largest lambda tried; a wider grid may score higher")
+    assert result(middle[0], middle[0]).at_edge() == []  # one value: no edge to speak of

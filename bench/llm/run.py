@@ -57,7 +57,7 @@ METHODS = ["ta", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
 # is a sum (ta, dare), a sign-elected or truncated sum (ties, dare_ties, tsv), or a
 # whitened / flattened one (iso_c, iso_cts); the same grid in every space
 LAMBDA = {"ta": [0.125, 0.25, 0.5], "dare": [0.125, 0.25, 0.5], "tsv": [0.25, 0.5, 1.0]}
-LAMBDA |= {"iso_c": [1.0, 1.5, 2.0], "iso_cts": [0.75, 1.0, 1.5]}
+LAMBDA |= {"iso_c": [1.0, 2.0, 3.0], "iso_cts": [1.0, 1.5, 2.0], "cart": [1.0, 1.5, 2.0]}
 DENSITY = {"ties": [0.3, 0.7], "dare": [0.3, 0.7], "dare_ties": [0.3, 0.7]}
 AGREEMENT = 100  # test examples per task on which the merged adapter is compared
 # Every choice is written by mergekit-yaml; to fit 90 minutes on 2 CPU cores only the core
