@@ -109,6 +109,13 @@ def lora_main() -> None:
     help="also write the winning merge to OUT/merged, as a model or as an adapter",
 )
 @click.option(
+    "--score-as",
+    type=click.Choice(["model", "adapter"]),
+    help="score each point as the merged model mergekit-yaml writes (as fast as the base) or "
+    "as the merged adapter mergekit-corespace-lora writes, on the base with PEFT "
+    "[default: adapter with --merge adapter, else model]",
+)
+@click.option(
     "--normalise/--no-normalise",
     default=True,
     show_default=True,
@@ -123,7 +130,9 @@ def lora_main() -> None:
 @click.option("--random-seed", type=int, help="as mergekit's --random-seed (DARE masks)")
 @click.option("--fresh", is_flag=True, help="discard the points a previous run in OUT scored")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def tune_command(config_file, data, grid, metric, device, out, merge, normalise, **settings):
+def tune_command(
+    config_file, data, grid, metric, device, out, merge, score_as, normalise, **settings
+):
     """Score a merge recipe's grid points on your own validation data; write the table,
     a plot, the winning recipe (and with --merge, the merge itself)."""
     from mergekit_corespace.errors import CoreSpaceError
@@ -144,6 +153,7 @@ def tune_command(config_file, data, grid, metric, device, out, merge, normalise,
         out=out,
         device=device,
         merge=merge,
+        score_as=score_as,
         normalise=normalise,
         batch_size=settings["batch_size"],
         max_new_tokens=settings["max_new_tokens"],

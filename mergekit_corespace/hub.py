@@ -18,6 +18,7 @@ from mergekit_corespace.adapters import (
     WEIGHTS_FILE,
     AdapterError,
 )
+from mergekit_corespace.errors import first_line
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE)
 
@@ -51,7 +52,7 @@ def adapter_directory(path: str, revision: str | None = None, cache_dir: str | N
             ) from None
         raise AdapterError(
             f"{reference}: no such local directory, not in the Hugging Face cache ({cache}), "
-            f"and the Hub cannot be reached ({_first_line(error)})"
+            f"and the Hub cannot be reached ({first_line(error)})"
         ) from None
     except errors.GatedRepoError:
         raise AdapterError(
@@ -69,7 +70,7 @@ def adapter_directory(path: str, revision: str | None = None, cache_dir: str | N
         ) from None
     except errors.HfHubHTTPError as error:
         raise AdapterError(
-            f"{reference}: the Hugging Face Hub refused ({_first_line(error)})"
+            f"{reference}: the Hugging Face Hub refused ({first_line(error)})"
         ) from None
     except FileNotFoundError:  # the repository holds none of ADAPTER_FILES
         snapshot = None
@@ -78,10 +79,6 @@ def adapter_directory(path: str, revision: str | None = None, cache_dir: str | N
             f"{reference}: the Hugging Face Hub repository holds no PEFT adapter (no {CONFIG_FILE})"
         )
     return snapshot
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def base_model_error(
@@ -94,7 +91,7 @@ def base_model_error(
 
     reference = f"{path}@{revision}" if revision else path
     if not isinstance(error, errors.OfflineModeIsEnabled):
-        return f"base_model: {reference}: {_first_line(error)}"
+        return f"base_model: {reference}: {first_line(error)}"
     try:
         snapshot = snapshot_download(
             path, revision=revision, cache_dir=cache_dir, local_files_only=True

@@ -97,6 +97,13 @@ class MergedDelta:
             out[start : start + rows] = block
         return out
 
+    def to(self, device: torch.device | str) -> MergedDelta:
+        """The delta on ``device`` (row blocks are computed where they were planned)."""
+        if isinstance(self.dense, RowBlocks):
+            return self
+        moved = (None if t is None else t.to(device) for t in (self.left, self.right, self.dense))
+        return MergedDelta(*moved)
+
     def scaled(self, factor: float) -> MergedDelta:
         """``factor · ΔW`` (the left factor scaled, or each dense block as it is read)."""
         if isinstance(self.dense, RowBlocks):

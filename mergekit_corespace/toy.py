@@ -23,12 +23,10 @@ _DECODER = dict(
     max_position_embeddings=64,
 )
 _ENCODER = {key: value for key, value in _DECODER.items() if key != "num_key_value_heads"}
+# the common LLM LoRA recipe: every attention and MLP projection of a Llama
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHITECTURES = {
-    "llama": (
-        "LlamaForCausalLM",
-        _DECODER,
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    ),
+    "llama": ("LlamaForCausalLM", _DECODER, LLAMA_TARGETS),
     "mistral": ("MistralForCausalLM", _DECODER, ["q_proj", "k_proj", "v_proj", "o_proj"]),
     "qwen2": ("Qwen2ForCausalLM", _DECODER, ["q_proj", "v_proj", "down_proj"]),
     "bert": ("BertModel", _ENCODER, ["query", "key", "value", "dense"]),

@@ -1,15 +1,20 @@
 """Grid search of a merge's top-level parameters on the user's own validation data.
 
 The base model is loaded once. Each grid point is the user's recipe with some top-level
-``parameters`` (and ``merge_method``) replaced; it is merged to one LoRA adapter in memory
-by the code ``mergekit-corespace-lora`` writes with
-(:func:`~mergekit_corespace.glue.adapter_output.factored_merge`), applied to the loaded base
-with PEFT (added next to the previous point's adapter, which is then deleted: the base
-weights are never touched), scored on every task file by
-:mod:`mergekit_corespace.evaluate`, and dropped. Points that differ only in λ share one
-merge (λ scales the merged delta last, so the scaled factors are bit for bit a fresh
-merge's), and KnOTS points share each module's KnOTS space (its SVD is most of a KnOTS
-merge's time).
+``parameters`` (and ``merge_method``) replaced; it is merged in memory and scored on every
+task file by :mod:`mergekit_corespace.evaluate`, as one of:
+
+- ``model`` (the default): the merged weights written into the loaded base by the code of
+  ``mergekit-yaml`` (:func:`~mergekit_corespace.glue.adapter_output.merged_weights`): the
+  model ``mergekit-yaml`` writes, bit for bit, evaluated as fast as the base;
+- ``adapter`` (the default with ``merge="adapter"``): the merged LoRA adapter that
+  ``mergekit-corespace-lora`` writes
+  (:func:`~mergekit_corespace.glue.adapter_output.factored_merge`), put on with PEFT next
+  to the previous point's adapter, which is then deleted.
+
+Points that differ only in λ share one merge (λ scales the merged delta last, so the
+scaled delta is bit for bit a fresh merge's), and KnOTS points share each module's KnOTS
+space (its SVD is most of a KnOTS merge's time).
 
 Task files are matched to adapters by name: ``DIR/nli.jsonl`` is the task of the adapter
 whose directory (or Hub repository) is named ``nli``. Its score with that adapter alone is
@@ -225,6 +230,7 @@ def tune(
     fresh: bool = False,
     progress: bool = True,
     on_point: Callable[[Row, PointTimes], None] | None = None,
+    score_as: str | None = None,
 ) -> TuneResult:
     """Score every grid point of the recipe ``config`` on the task files in ``data``.
 
@@ -249,11 +255,25 @@ def tune(
         fresh: discard the points a previous run in ``out`` scored.
         progress: show a progress bar over the grid points.
         on_point: called after each newly scored point with its row and times.
+        score_as: ``model`` (the merged weights in the loaded base: what ``mergekit-yaml``
+            writes) or ``adapter`` (the merged adapter on it with PEFT: what
+            ``mergekit-corespace-lora`` writes); default ``adapter`` with
+            ``merge="adapter"``, else ``model``.
     """
     from tqdm import tqdm
 
     plan = _Plan.prepare(
-        config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, random_seed
+        config,
+        data,
+        grid,
+        metric,
+        out,
+        device,
+        merge,
+        batch_size,
+        max_new_tokens,
+        random_seed,
+        score_as,
     )
     os.makedirs(plan.out, exist_ok=True)
     log = _PointsLog(os.path.join(plan.out, LOG_FILE), plan.fingerprint, fresh)
@@ -333,10 +353,22 @@ class _Plan:
     evaluation: dict[str, Any]
     fingerprint: str
     out: str
+    score_as: str  # "model" or "adapter"
 
     @classmethod
     def prepare(
-        cls, config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, seed
+        cls,
+        config,
+        data,
+        grid,
+        metric,
+        out,
+        device,
+        merge,
+        batch_size,
+        max_new_tokens,
+        seed,
+        score_as=None,
     ) -> _Plan:
         from mergekit.config import MergeConfiguration
         from mergekit.options import MergeOptions
@@ -355,6 +387,10 @@ class _Plan:
             raise CoreSpaceError(f"--device {device}: expected cpu or cuda")
         if merge not in (None, "model", "adapter"):
             raise CoreSpaceError(f"--merge {merge}: expected model or adapter")
+        if score_as is None:
+            score_as = "adapter" if merge == "adapter" else "model"
+        if score_as not in ("model", "adapter"):
+            raise CoreSpaceError(f"--score-as {score_as}: expected model or adapter")
         if batch_size < 1:
             raise CoreSpaceError(f"--batch-size {batch_size}: must be at least 1")
         recipe = _read_recipe(config_path)
@@ -377,7 +413,7 @@ class _Plan:
                 merge_config = MergeConfiguration.model_validate(point_recipe(recipe, point))
                 check_parameters(merge_config)
             except ValidationError as error:
-                raise CoreSpaceError(f"--grid {label(point)}: {_first_line(error)}") from None
+                raise CoreSpaceError(f"--grid {label(point)}: {_first_lines(error)}") from None
             except CoreSpaceError as error:
                 raise CoreSpaceError(f"--grid {label(point)}: {error.message}") from None
             if merge_config.merge_method not in SPACES:
@@ -408,14 +444,15 @@ class _Plan:
             tokenizer = AutoTokenizer.from_pretrained(base.path, revision=base.revision)
         except Exception as error:
             raise CoreSpaceError(
-                f"base_model: {base.path}: no tokenizer to evaluate with ({_first_line(error)})"
+                f"base_model: {base.path}: no tokenizer to evaluate with ({_first_lines(error)})"
             ) from None
         check_tokenizer(tasks, tokenizer, base.path)
         dtype = configs[0].dtype
         evaluation = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
-        fingerprint = _fingerprint(
-            recipe, run, tasks, dict(evaluation, device=device, dtype=dtype, seed=seed)
-        )
+        settings = dict(evaluation, device=device, dtype=dtype, seed=seed)
+        if score_as == "model":  # logs scored as adapters, before this choice, stay valid
+            settings["scored_as"] = score_as
+        fingerprint = _fingerprint(recipe, run, tasks, settings)
         if out is None:
             out = os.path.splitext(os.path.basename(config_path))[0] + "-tune"
         return cls(
@@ -434,6 +471,7 @@ class _Plan:
             evaluation=evaluation,
             fingerprint=fingerprint,
             out=os.path.abspath(os.fspath(out)),
+            score_as=score_as,
         )
 
     def config_of(self, point: Mapping[str, Any]):
@@ -441,7 +479,8 @@ class _Plan:
 
 
 class _Session:
-    """The base model, loaded once, and the one adapter on it at a time."""
+    """The base model, loaded once, with one point's merged weights in it, or one adapter
+    on it at a time (the task references are always adapters)."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
@@ -451,6 +490,7 @@ class _Session:
         self.count = 0
         self._base = None
         self.spaces = SpaceCache()  # KnOTS spaces, shared by every point
+        self.score_as = plan.score_as
 
     def _base_model(self):
         if self._base is None:
@@ -519,26 +559,64 @@ class _Session:
         self._swap(add)
         return self.evaluator.score(self.model, task)
 
+    def _plain_base(self):
+        """The loaded base with no adapter on it: loaded again once an adapter was on (an
+        adapter that saved a tied weight whole leaves it untied when taken off)."""
+        if self.model is not None:
+            self._base = self.model = self.active = None
+        return self._base_model()
+
+    def _put(self, weights) -> None:
+        """Overwrite the loaded base's weights with ``(name, tensor)`` pairs."""
+        import torch
+
+        parameters = dict(self._plain_base().named_parameters())
+        with torch.no_grad():
+            for name, weight in weights:
+                parameters[name].copy_(weight)
+
+    def _scored_as_model(self, merged) -> bool:
+        """Whether every weight of this merge is a parameter of its own in the loaded base;
+        one that is not (tied to another, or named otherwise) is scored as an adapter."""
+        parameters = dict(self._plain_base().named_parameters())  # tied ones: once
+        stray = [n for n in [*merged.deltas, *merged.saved] if n not in parameters]
+        if stray:
+            LOG.warning(
+                "%s is not a parameter of its own in the loaded model: points are scored as "
+                "the merged adapter instead",
+                stray[0],
+            )
+        return not stray
+
     def score(self, group: Sequence[Mapping[str, Any]]):
         """Score each point of a group from :func:`lambda_groups`: merged once, before λ,
         and scaled per point (unless an adapter saved a weight whole, which holds its λ).
         Yields ``(point, scores, times)``."""
-        from mergekit_corespace.glue.adapter_output import factored_merge
+        from mergekit_corespace.glue.adapter_output import factored_merge, merged_weights
 
         merged = None
         for point in group:
             started = time.perf_counter()
             if merged is None or merged.saved:
-                merged = factored_merge(
-                    self.plan.config_of(point), self.plan.options, spaces=self.spaces
-                )
-            adapter = merged.adapter(
-                point["lambda"] if len(group) > 1 and not merged.saved else None
-            )
-            merged_at = time.perf_counter()
-            self._apply(adapter.export)
+                config = self.plan.config_of(point)
+                merge = merged_weights if self.score_as == "model" else factored_merge
+                merged = merge(config, self.plan.options, spaces=self.spaces)
+                if self.score_as == "model" and not self._scored_as_model(merged):
+                    self.score_as = "adapter"
+                    self._base = self.model = self.active = None  # reloaded unchanged
+                    merged = factored_merge(config, self.plan.options, spaces=self.spaces)
+            lambda_ = point["lambda"] if len(group) > 1 and not merged.saved else None
+            if self.score_as == "model":
+                merged_at = time.perf_counter()
+                self._put(merged.weights(lambda_, self.plan.device))
+                model = self._base_model()
+            else:
+                adapter = merged.adapter(lambda_)
+                merged_at = time.perf_counter()
+                self._apply(adapter.export)
+                model = self.model
             applied_at = time.perf_counter()
-            scores = {task.name: self.evaluator.score(self.model, task) for task in self.plan.tasks}
+            scores = {task.name: self.evaluator.score(model, task) for task in self.plan.tasks}
             done = time.perf_counter()
             times = PointTimes(merged_at - started, applied_at - merged_at, done - applied_at)
             yield point, scores, times
@@ -622,7 +700,7 @@ def _read_recipe(path: str) -> dict[str, Any]:
     except OSError as error:
         raise CoreSpaceError(f"{path}: unreadable ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise CoreSpaceError(f"{path}: not valid YAML ({_first_line(error)})") from None
+        raise CoreSpaceError(f"{path}: not valid YAML ({_first_lines(error)})") from None
     if not isinstance(recipe, dict):
         raise CoreSpaceError(f"{path}: a recipe must be a YAML mapping (merge_method, models, ...)")
     return recipe
@@ -632,7 +710,8 @@ def _space(point: Mapping[str, Any], recipe: Mapping[str, Any]) -> str | None:
     return point.get("merge_method", recipe.get("merge_method"))
 
 
-def _first_line(error: Exception) -> str:
+def _first_lines(error: Exception) -> str:
+    """Up to three lines of an error's message, joined (pydantic's name the field second)."""
     return " ".join(str(error).split("\n")[:3]).strip()
 
 

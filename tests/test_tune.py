@@ -330,7 +330,7 @@ def test_recipe_merged_by_mergekit_reproduces_the_reported_scores(setup, loglik_
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     evaluator = Evaluator(AutoTokenizer.from_pretrained(setup["base"]))
     for task in read_tasks(loglik_run["data"], {"*": "loglik"}):
-        assert evaluator.score(model, task) == pytest.approx(best["scores"][task.name], abs=1e-5)
+        assert evaluator.score(model, task) == best["scores"][task.name]  # scored as this model
     # --merge model wrote that same merge
     ours, theirs = _tensors(out / "merged"), _tensors(merged)
     assert ours.keys() == theirs.keys()
@@ -560,6 +560,9 @@ def test_a_log_of_another_recipe_is_refused_and_fresh_starts_over(setup, tmp_pat
         **run,
     )
     assert len(scored) == 1
+    # scored as the merged adapter: another log (a model and an adapter score apart)
+    with pytest.raises(CoreSpaceError, match=r"points.jsonl:1: scored for another recipe"):
+        tune(other, setup["data"], ["lambda=1"], score_as="adapter", **run)
 
 
 def test_lambda_groups_pair_points_that_differ_only_in_lambda():
@@ -579,14 +582,20 @@ def test_lambda_groups_pair_points_that_differ_only_in_lambda():
 @pytest.mark.parametrize(
     "space,merge", [("knots", "ties"), ("core_space", "dare"), ("full_space", "tsv")]
 )
-def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, space, merge):
+def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, tmp_path, space, merge):
     """The tuner's shortcut: a merge before λ, its factors scaled, and KnOTS spaces reused
-    from a cache, give exactly the adapter ``mergekit-corespace-lora`` writes at that λ."""
+    from a cache, give exactly the adapter ``mergekit-corespace-lora`` and the weights
+    ``mergekit-yaml`` write at that λ."""
     import yaml
     from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_corespace.glue.adapter_output import factored_merge, merged_adapter
+    from mergekit_corespace.glue.adapter_output import (
+        factored_merge,
+        merged_adapter,
+        merged_weights,
+    )
     from mergekit_corespace.glue.internals import install
     from mergekit_corespace.pipeline import SpaceCache
 
@@ -610,22 +619,38 @@ def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, space, 
     two = merged.adapter(2.0).export.tensors
     name = next(k for k in one if k.endswith("lora_B.weight"))
     assert torch.allclose(two[name], 2 * one[name]) and one[name].abs().max() > 0
+    # scored as a model: each λ's weights are those mergekit-yaml's code writes at that λ
+    weights = merged_weights(config(1.0), options, spaces=spaces)
+    for lam in (0.5, 2, -1.5):
+        out = tmp_path / f"merged-{lam}"
+        run_merge(config(lam), str(out), MergeOptions(quiet=True, random_seed=3))
+        written, put = _tensors(out), dict(weights.weights(lam))
+        assert len(put) == 14 and all(torch.equal(put[k], written[k]) for k in put), lam
 
 
-def test_a_grid_merges_once_per_lambda_group(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "score_as, function", [("model", "merged_weights"), ("adapter", "factored_merge")]
+)
+def test_a_grid_merges_once_per_lambda_group(setup, tmp_path, monkeypatch, score_as, function):
     from mergekit_corespace.glue import adapter_output
 
     calls = []
-    original = adapter_output.factored_merge
+    original = getattr(adapter_output, function)
 
     def counted(config, *args, **kwargs):
         calls.append(config.parameters["merge"])
         return original(config, *args, **kwargs)
 
-    monkeypatch.setattr(adapter_output, "factored_merge", counted)
+    monkeypatch.setattr(adapter_output, function, counted)
     grid = ["lambda=0.5,1,2 merge=ta,ties"]
     result = tune(
-        setup["recipe"], setup["data"], grid, out=tmp_path, metric="loglik", progress=False
+        setup["recipe"],
+        setup["data"],
+        grid,
+        out=tmp_path,
+        metric="loglik",
+        progress=False,
+        score_as=score_as,
     )
     assert len(result.rows) == 6 and calls == ["ta", "ties"]
 
@@ -668,3 +693,48 @@ def test_a_winner_at_the_edge_of_the_grid_is_pointed_out():
     table = result(middle[2], *middle).table()
     assert table.endswith("lambda 2 is the largest lambda tried; a wider grid may score higher")
     assert result(middle[0], middle[0]).at_edge() == []  # one value: no edge to speak of
+
+
+def test_a_weight_tied_to_another_is_scored_as_the_merged_adapter(tmp_path, caplog):
+    """A tied model whose ``lm_head`` an adapter saved whole: that weight is no parameter of
+    its own, so the points are scored as the merged adapter, with one warning, and score
+    what ``score_as="adapter"`` scores."""
+    base = toy.save_tiny_model(str(tmp_path / "tied"), "llama", tie_word_embeddings=True)
+    toy.save_tiny_tokenizer(base)
+    saving = toy.save_lora_adapter(
+        base, str(tmp_path / "a"), r=4, seed=1, modules_to_save=["lm_head"]
+    )
+    plain = toy.save_lora_adapter(base, str(tmp_path / "b"), r=4, seed=2)
+    recipe = toy.write_yaml(
+        str(tmp_path / "recipe.yml"),
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
+        f"  - model: {base}+{saving}\n  - model: {base}+{plain}\nparameters: {{merge: ta}}\n",
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_jsonl(
+        data / "a.jsonl", [{"prompt": "abc:", "answer": "de"}, {"prompt": "fg:", "answer": "h"}]
+    )
+    scores = {}
+    for score_as in ("model", "adapter"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            result = tune(
+                recipe,
+                data,
+                ["lambda=0.5,1"],
+                metric="loglik",
+                out=tmp_path / score_as,
+                progress=False,
+                score_as=score_as,
+            )
+        scores[score_as] = [row.scores for row in result.rows]
+        warned = [r for r in caplog.records if "not a parameter of its own" in r.getMessage()]
+        assert len(warned) == (score_as == "model")
+    assert scores["model"] == scores["adapter"]
+
+
+def test_score_as_is_model_or_adapter(setup, tmp_path):
+    with pytest.raises(CoreSpaceError, match="--score-as weights: expected model or adapter"):
+        tune(setup["recipe"], setup["data"], out=tmp_path, score_as="weights", progress=False)
+    assert not any(tmp_path.iterdir())

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+from mergekit_corespace.toy import LLAMA_TARGETS
+
+LORA = dict(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=0.0)
 TRAINING = dict(steps=60, batch_size=8, learning_rate=1e-3)
 
 

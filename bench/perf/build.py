@@ -23,6 +23,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from mergekit_corespace.toy import LLAMA_TARGETS
+
 PRESETS = {
     # Llama-3-8B shapes: 8.0 B parameters, ~16 GB in bfloat16
     "8b": dict(
@@ -52,7 +54,7 @@ PRESETS = {
     ),
 }
 SHARD_BYTES = {"8b": 5 * 10**9}  # as the 8 B checkpoints people download are sharded
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = LLAMA_TARGETS  # the modules every adapter targets
 
 
 def layer_shapes(config: dict) -> dict[str, tuple[int, ...]]:

@@ -50,7 +50,6 @@ from mergekit_corespace.tune import grid_points, parse_grid, point_recipe, tune
 
 CACHE = os.path.expanduser("~/.cache/mergekit-corespace/tune-bench")
 BIN = os.path.dirname(sys.executable)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("add", "capital", "reverse")  # one adapter and one task file each
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
@@ -115,7 +114,12 @@ def adapters(base: str, directory: str) -> dict[str, str]:
         path = os.path.join(directory, name)
         if not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
             toy.save_lora_adapter(
-                base, path + ".partial", target_modules=TARGETS, r=8, lora_alpha=2, seed=seed
+                base,
+                path + ".partial",
+                target_modules=toy.LLAMA_TARGETS,
+                r=8,
+                lora_alpha=2,
+                seed=seed,
             )
             os.replace(path + ".partial", path)
         out[name] = path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from mergekit_corespace.glue.tasks import WeightMergeTask
 from mergekit_corespace.lora_export import LoraExport, lora_export
 from mergekit_corespace.memory import release_file_pages
 from mergekit_corespace.pipeline import SpaceCache
-from mergekit_corespace.spaces import LowRankDelta, truncate
+from mergekit_corespace.spaces import LowRankDelta, MergedDelta, truncate
 
 LOG = logging.getLogger(__name__)
 _RELEASE_EVERY = 64  # modules between releases of the adapter files' mapped pages
@@ -172,11 +173,13 @@ def merge_devices(options) -> list[str]:
     return [device]
 
 
-def _merged_modules(config, options, run, rank: int | None, energy: float | None, spaces=None):
-    """Each merged module's low-rank delta before λ (cut to ``rank`` / ``energy``), its λ
-    and layout, and the weights some adapter saved whole, merged whole (λ applied).
-    Results are moved to the CPU as each module finishes, so a device holds one module's
-    work at a time."""
+def merged_tasks(config, options, run: ValidatedRun, keep, spaces=None):
+    """Each weight merge task of the config, in plan order, as ``(task, the weight's name in
+    the checkpoint, result)``: for a weight some adapter saved whole, the merged weight (λ
+    applied; so is the written one); else ``keep(task, ΔW)`` of its merged delta before λ,
+    called where the merge ran (with ``--multi-gpu``, on every GPU torch sees, modules dealt
+    out in turn). ``keep`` should move what it keeps to the CPU, so a device holds one
+    module's work at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -195,10 +198,8 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
             delta = task.merged_delta(device, thresholds, base=base, views=read)
             return delta.applied_to(base).cpu(), read
         delta = task.merged_delta(device, thresholds, views=read, scaled=False, spaces=spaces)
-        cut = truncate(delta, rank=rank, energy=energy)
-        return replace(cut, b=cut.b.cpu(), a=cut.a.cpu()), read
+        return keep(task, delta), read
 
-    modules, lambdas, layouts, saved = {}, {}, {}, {}
     views = []  # adapter file views read so far: their pages are released in batches
     with ThreadPoolExecutor(len(devices)) as pool:
         results = (
@@ -216,22 +217,72 @@ def _merged_modules(config, options, run, rank: int | None, energy: float | None
                 # the merge itself in a process that maps many files (the tuner's)
                 release_file_pages(*views)
                 views.clear()
-            stored = run.checkpoint.stored_names.get(task.weight_name, task.weight_name)
-            if task.dense:
-                saved[stored] = result
-                continue
-            module = stored.removesuffix(".weight")
-            modules[module] = result
-            lambdas[module] = task.parameters.lambda_
-            first = task.contributions[0][0]
-            layouts[module] = (
-                "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
-            )
-            LOG.info(
-                "%s: rank %d, relative truncation error %.3e",
-                module,
-                result.rank,
-                result.relative_error,
-            )
+            yield task, run.checkpoint.stored_names.get(task.weight_name, task.weight_name), result
     release_file_pages(*views)
+
+
+def _merged_modules(config, options, run, rank: int | None, energy: float | None, spaces=None):
+    """Each merged module's low-rank delta before λ (cut to ``rank`` / ``energy``), its λ
+    and layout, and the weights some adapter saved whole, merged whole (λ applied)."""
+
+    def cut(task, delta):
+        low = truncate(delta, rank=rank, energy=energy)
+        return replace(low, b=low.b.cpu(), a=low.a.cpu())
+
+    modules, lambdas, layouts, saved = {}, {}, {}, {}
+    for task, stored, result in merged_tasks(config, options, run, cut, spaces):
+        if task.dense:
+            saved[stored] = result
+            continue
+        module = stored.removesuffix(".weight")
+        modules[module] = result
+        lambdas[module] = task.parameters.lambda_
+        first = task.contributions[0][0]
+        layouts[module] = (
+            "embedding" if first.embedding else "conv1d" if first.transposed else "linear"
+        )
+        LOG.info(
+            "%s: rank %d, relative truncation error %.3e",
+            module,
+            result.rank,
+            result.relative_error,
+        )
     return modules, lambdas, layouts, saved
+
+
+@dataclass
+class MergedWeights:
+    """A merge before λ, kept to give the merged model's weights at any λ: bit for bit the
+    weights ``mergekit-yaml`` writes at that λ, since λ scales the merged delta last."""
+
+    deltas: dict[str, MergedDelta]  # weight name in the checkpoint -> ΔW before λ (CPU)
+    lambdas: dict[str, float]  # weight name -> the config's λ for it
+    bases: dict[str, Any]  # weight name -> mergekit's load task of the base weight
+    saved: dict[str, torch.Tensor]  # weights some adapter saved whole, merged (λ applied)
+
+    def weights(self, lambda_: float | None = None, device: str = "cpu"):
+        """``(name, W + λ·ΔW)`` per merged weight, at the config's λ or at ``lambda_``,
+        computed one at a time on ``device``."""
+        if lambda_ is not None and self.saved:
+            raise ValueError("weights saved whole hold their λ; merge again for another")
+        for name, delta in self.deltas.items():
+            scale = self.lambdas[name] if lambda_ is None else float(lambda_)
+            base = self.bases[name].execute().to(device)
+            yield name, delta.to(device).scaled(scale).applied_to(base)
+        yield from self.saved.items()
+
+
+def merged_weights(config, options, run: ValidatedRun | None = None, spaces=None) -> MergedWeights:
+    """The config's merge as :class:`MergedWeights` (what the tuner scores as a model);
+    ``spaces`` as for :func:`factored_merge`."""
+    _check_method(config)
+    run = run if run is not None else validate_run(config, options)
+    deltas, lambdas, bases, saved = {}, {}, {}, {}
+    for task, stored, result in merged_tasks(
+        config, options, run, lambda task, delta: delta.to("cpu"), spaces
+    ):
+        if task.dense:
+            saved[stored] = result
+            continue
+        deltas[stored], lambdas[stored], bases[stored] = result, task.parameters.lambda_, task.base
+    return MergedWeights(deltas, lambdas, bases, saved)

@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.errors import CoreSpaceError, first_line
 
 LOG = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class ClaimedOutput:
         unchanged = "is unchanged" if os.path.exists(self.path) else "was not created"
         return (
             f"{self.path}: {what} while writing the merge ({_size(free)} free in "
-            f"{self.parent}; {_first_line(error)}); the partial output was removed and "
+            f"{self.parent}; {first_line(error)}); the partial output was removed and "
             f"{os.path.basename(self.path)} {unchanged}"
         )
 
@@ -266,10 +266,6 @@ def _os_error_code(error: BaseException) -> int | None:
         return error.errno
     match = re.search(r"\(os error (\d+)\)", str(error))
     return int(match[1]) if match and type(error).__name__ == "SafetensorError" else None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _size(count: int) -> str:
