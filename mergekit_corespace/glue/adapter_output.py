@@ -4,7 +4,9 @@ Planned exactly like a model merge (so filters, gradients, seeds and ``ties_scop
 global`` resolve identically; :func:`~mergekit_corespace.glue.internals.planned_merge_tasks`),
 but only the merge tasks run, without the base weights, and each module's merged delta
 is written in factored form (:mod:`mergekit_corespace.lora_export`). The same adapter,
-computed in memory and not written, is what ``mergekit-corespace-tune`` evaluates.
+computed in memory and not written, is what ``mergekit-corespace-tune --score-as adapter``
+evaluates; :func:`merged_weights` gives the merged model's weights in memory, which it
+evaluates by default.
 """
 
 from __future__ import annotations
