@@ -98,14 +98,18 @@ class TuneResult:
         return _markdown(self)
 
     def at_edge(self) -> list[str]:
-        """:func:`at_grid_edge` of the winner."""
-        return at_grid_edge(self.best.point, [row.point for row in self.rows])
+        """:func:`at_grid_edge` of the winner, in words."""
+        edges = at_grid_edge(self.best.point, [row.point for row in self.rows])
+        return [
+            f"{key} {self.best.point[key]} is the {end} {key} tried" for key, end in edges.items()
+        ]
 
 
-def at_grid_edge(point: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> list[str]:
+def at_grid_edge(point: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """``point``'s numeric settings that are the largest or smallest of three or more values
-    tried with its other settings in ``points``: the best may lie beyond the grid."""
-    notes = []
+    tried with its other settings in ``points`` (the best may lie beyond the grid): each
+    setting's name -> ``"largest"`` or ``"smallest"``."""
+    edges = {}
     for key, value in point.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -117,10 +121,10 @@ def at_grid_edge(point: Mapping[str, Any], points: Sequence[Mapping[str, Any]]) 
         if len(tried) < 3:  # of two values, one always wins at an edge
             continue
         if value == max(tried) and not (key == "density" and value >= 1):
-            notes.append(f"{key} {value} is the largest {key} tried")
+            edges[key] = "largest"
         elif value == min(tried):
-            notes.append(f"{key} {value} is the smallest {key} tried")
-    return notes
+            edges[key] = "smallest"
+    return edges
 
 
 def parse_grid(specs: Sequence[str] | Mapping[str, Sequence[Any]] | None) -> dict[str, list]:

@@ -445,8 +445,7 @@ def render(saved: dict, result: dict) -> str:
             point = {"merge_method": grid["merge_method"][0], "merge": grid["merge"][0]}
             edges = at_grid_edge(point | row["chosen"], grid_points(grid, {}))
             chosen = ", ".join(
-                f"{k} {v}{' (edge)' if any(e.startswith(f'{k} ') for e in edges) else ''}"
-                for k, v in row["chosen"].items()
+                f"{k} {v}{' (edge)' if k in edges else ''}" for k, v in row["chosen"].items()
             )
             timing = f"{row['mergekit_yaml_seconds']:.1f} s / " + (
                 f"{row['lora_seconds']:.1f} s" if "lora_seconds" in row else "–"
