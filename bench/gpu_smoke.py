@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from measure import bf16_ulps, read_weights  # noqa: E402
 
 from mergekit_corespace import merge_adapters, toy  # noqa: E402
 
@@ -83,14 +83,6 @@ def build(work: str, dtype: torch.dtype) -> tuple[str, list[str]]:
     return base, [*adapters, saved]
 
 
-def tensors(path: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(os.listdir(path)):
-        if file.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, file)))
-    return out
-
-
 def model_difference(cpu: dict, gpu: dict, base: dict) -> float:
     """float64: the largest relative difference of the deltas. bfloat16: the largest
     difference in units in the last place of the larger of |W| and |W'| (where W + ΔW
@@ -104,9 +96,7 @@ def model_difference(cpu: dict, gpu: dict, base: dict) -> float:
             if delta.norm() > 0:
                 worst = max(worst, float((got - want).norm() / delta.norm()))
         else:
-            magnitude = torch.maximum(want.double().abs(), base[name].abs()).clamp_min(2**-126)
-            ulp = 2.0 ** (torch.floor(torch.log2(magnitude)) - 7)
-            worst = max(worst, float(((got.double() - want.double()).abs() / ulp).max()))
+            worst = max(worst, float(bf16_ulps(got, want, base[name]).max()))
     return worst
 
 
@@ -132,7 +122,7 @@ def merges(work: str, rows: list[str], device_options: dict, args) -> bool:
     ok = True
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         base, adapters = build(work, dtype)
-        base_tensors = {k: v.double() for k, v in tensors(base).items()}
+        base_tensors = {k: v.double() for k, v in read_weights(base).items()}
         bound = 1e-10 if dtype == torch.float64 else 1.0
         for space, (method, parameters) in itertools.product(
             args.spaces.split(","), [(m, METHODS[m]) for m in args.methods.split(",")]
@@ -167,11 +157,13 @@ def merges(work: str, rows: list[str], device_options: dict, args) -> bool:
                     **common,
                 )
                 seconds = time.perf_counter() - started
-                worst = model_difference(tensors(cpu), tensors(gpu), base_tensors)
+                worst = model_difference(read_weights(cpu), read_weights(gpu), base_tensors)
                 gpu_lora = merge_adapters(
                     base, inputs, out=gpu + "-lora", options={**SEED, **options}, **common
                 )
-                ranks, lora_worst = adapter_difference(tensors(cpu_lora), tensors(gpu_lora))
+                ranks, lora_worst = adapter_difference(
+                    read_weights(cpu_lora), read_weights(gpu_lora)
+                )
                 # bf16 factors: B·A agrees to their rounding, 2⁻⁸ relative per factor
                 lora_bound = 1e-10 if dtype == torch.float64 else 2**-7
                 passed = worst <= bound and ranks and lora_worst <= lora_bound

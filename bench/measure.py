@@ -1,4 +1,5 @@
-"""Measuring commands: wall time and peak RSS of the whole process tree (Linux /proc)."""
+"""Measuring commands (wall time and peak RSS of the whole process tree, from Linux /proc)
+and the rounding of written weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
 
 
 @dataclass
@@ -73,3 +77,21 @@ def directory_bytes(*paths: str) -> int:
 
 def mib(value: int) -> str:
     return f"{value / 2**20:,.0f} MiB"
+
+
+def bf16_ulps(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """How far apart two merged weights are, per entry, in bfloat16 units in the last place
+    of the larger of |W| and |W'|: where W + ΔW cancels to far below |W|, the rounding of
+    the sum is counted in the ulps of its inputs, not of the tiny result."""
+    magnitude = torch.maximum(want.double().abs(), base.double().abs()).clamp_min(2**-126)
+    ulp = 2.0 ** (torch.floor(torch.log2(magnitude)) - 7)
+    return (got.double() - want.double()).abs() / ulp
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors files."""
+    out = {}
+    for file in sorted(os.listdir(path)):
+        if file.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, file)))
+    return out

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 InnerMethod = Literal["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
 Space = Literal["core", "knots", "full"]  # chosen by `merge_method`, not a parameter
-Precision = Literal["float64", "float32"]
+Precision = Literal["auto", "float64", "float32"]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
 # Defaults from the Core Space paper's LLM setting (top-k 70 %, DARE p = 0.9).
@@ -61,7 +61,9 @@ class MergeParameters(BaseModel):
         True, description="knots: represent each task by S·Vₜ (KnOTS paper) rather than Vₜ"
     )
     precision: Precision = Field(
-        "float64", description="dtype of the SVDs and the merge; float32 is meant for GPUs"
+        "auto",
+        description="dtype of the SVDs and the merge; auto: float64, but float32 for dense "
+        "SVDs on a GPU (knots, and full_space tsv / cart / iso) except under ties / dare",
     )
 
     @model_validator(mode="after")

@@ -27,8 +27,28 @@ from mergekit_corespace.spaces import SPACES, LowRank, MergedDelta
 TaskInput = LowRank | torch.Tensor
 # Methods built on SVDs; on 1-D deltas (biases) they fall back to the weighted mean.
 SVD_METHODS = ("tsv", "cart", "iso_c", "iso_cts")
+# Methods that keep or drop single entries: sensitive to the basis the entries are in.
+SELECTION_METHODS = ("ties", "dare", "dare_ties")
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def compute_dtype(
+    parameters: MergeParameters, space: Space, device: torch.device | str
+) -> torch.dtype:
+    """The dtype of one module's merge. ``precision: auto`` is float64 (linear merges stay
+    lossless to the last bf16 bit; cheap on CPUs and for core space's thin SVDs), except
+    where an SVD of a dense m×n matrix runs on an accelerator — KnOTS's space, full-space
+    TSV / CART / Iso — which float64 slows 2–64× on GPUs; there it is float32. TIES and
+    DARE keep float64 in every space: their trims and masks fall on coordinates that a
+    float32 SVD rotates (bench/perf/README.md, "Precision", measures both)."""
+    if parameters.precision != "auto":
+        return COMPUTE_DTYPES[parameters.precision]
+    dense_svd = space == "knots" or (space == "full" and parameters.merge in SVD_METHODS)
+    on_accelerator = torch.device(device).type != "cpu"
+    if dense_svd and parameters.merge not in SELECTION_METHODS and on_accelerator:
+        return torch.float32
+    return torch.float64
 
 
 def module_seed(random_seed: int | None, weight_name: str) -> int:
@@ -93,14 +113,17 @@ def read_inputs(
     device: torch.device | str = "cpu",
     base: torch.Tensor | None = None,
     views: list[torch.Tensor] | None = None,
+    space: Space = "core",
 ) -> list[TaskInput]:
-    """Read one module's parts from each adapter (lazily, now), in compute dtype: the
-    LoRA factors, or — where an adapter also saved the weight whole — its dense delta.
+    """Read one module's parts from each adapter (lazily, now), in the dtype of its merge
+    in ``space``: the LoRA factors, or — where an adapter also saved the weight whole — its
+    dense delta (merged in full space).
 
     Each module is read once, so the adapter files' mapped pages are released afterwards
     — or, when ``views`` is given, the views read are added to it for the caller to
     release together with its own."""
-    dtype = COMPUTE_DTYPES[parameters.precision]
+    saved = any(isinstance(p, DenseWeight) for parts in contributions for p in parts)
+    dtype = compute_dtype(parameters, "full" if saved else space, device)
     inputs, read = [], []
     cast_base = None
     for parts in contributions:
@@ -148,16 +171,17 @@ def merge_module(
     saved = any(isinstance(p, DenseWeight) for parts in contributions for p in parts)
     lambda_ = parameters.lambda_ if scaled else 1.0
     if saved and dense.streams(parameters, tuple(base.shape), len(contributions)):
-        dtype = COMPUTE_DTYPES[parameters.precision]
+        dtype = compute_dtype(parameters, "full", device)
         tasks = dense.DenseTasks(contributions, base, dtype, device, views)
         return dense.merge_saved(tasks, weights, parameters, seed).scaled(lambda_)
 
     def build():
-        inputs = read_inputs(contributions, parameters, device, base, views)
+        inputs = read_inputs(contributions, parameters, device, base, views, space)
         return task_space(inputs, parameters, space)
 
     if spaces is not None and space == "knots" and not saved:
-        key = (name, parameters.knots_scale_tasks, parameters.precision, str(device))
+        dtype = compute_dtype(parameters, space, device)
+        key = (name, parameters.knots_scale_tasks, dtype, str(device))
         chosen = spaces.get(key, build)
     else:
         chosen = build()
@@ -224,7 +248,7 @@ def global_ties_thresholds(
 
     sketch = merges.MagnitudeSketch(adapters)
     for module in tqdm(modules, desc="TIES global magnitudes", disable=not progress):
-        inputs = read_inputs([(lora,) for _, lora in module], parameters, device)
+        inputs = read_inputs([(lora,) for _, lora in module], parameters, device, space=space)
         for (adapter, _), task in zip(module, task_space(inputs, parameters, space).tasks):
             sketch.add(adapter, task)
     density = parameters.effective_density

@@ -250,3 +250,32 @@ def test_row_blocked_merges_never_depend_on_the_ambient_device(tmp_path, monkeyp
     with torch.device("meta"):
         inside = merge_all()
     assert all(torch.equal(a, b) for a, b in zip(again + inside, expected * 2, strict=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_auto_precision_is_float32_only_for_dense_svds_off_the_cpu(tmp_path, device):
+    """``precision: auto``: float64 on the CPU, for core space, for full-space merges without
+    an SVD and for TIES / DARE everywhere; float32 for KnOTS and for full-space (or saved
+    whole) TSV / CART / Iso on another device ("meta" stands for a GPU: the factors are
+    moved there, nothing is computed). An explicit precision wins."""
+    contributions, base = _saved_module(tmp_path)
+    lora_only = [(parts[0],) for parts in contributions if isinstance(parts[0], LoraModule)]
+    off_cpu = torch.float32 if device != "cpu" else torch.float64
+
+    def dtypes(parts, space, merge, precision="auto"):
+        parameters = MergeParameters(merge=merge, precision=precision)
+        inputs = read_inputs(parts, parameters, device, base=base, space=space)
+        return {(x if isinstance(x, torch.Tensor) else x[0]).dtype for x in inputs}
+
+    for merge in ("ta", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"):
+        selection = merge in ("ties", "dare", "dare_ties")
+        svd = merge in ("tsv", "cart", "iso_c", "iso_cts")
+        assert dtypes(lora_only, "core", merge) == {torch.float64}
+        assert dtypes(lora_only, "knots", merge) == {torch.float64 if selection else off_cpu}
+        assert dtypes(lora_only, "full", merge) == {off_cpu if svd else torch.float64}
+        # saved whole: merged in full space whatever the configured space
+        assert dtypes(contributions, "core", merge) == {off_cpu if svd else torch.float64}
+        for precision in ("float64", "float32"):
+            for space in ("core", "knots", "full"):
+                expected = {getattr(torch, precision)}
+                assert dtypes(lora_only, space, merge, precision) == expected
