@@ -27,7 +27,7 @@ from mergekit_corespace.spaces import SPACES, LowRank, MergedDelta
 TaskInput = LowRank | torch.Tensor
 # Methods built on SVDs; on 1-D deltas (biases) they fall back to the weighted mean.
 SVD_METHODS = ("tsv", "cart", "iso_c", "iso_cts")
-# Methods that keep or drop single entries: sensitive to the basis the entries are in.
+# Methods that keep or drop single entries: float32's rounding changes which.
 SELECTION_METHODS = ("ties", "dare", "dare_ties")
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -39,9 +39,10 @@ def compute_dtype(
     """The dtype of one module's merge. ``precision: auto`` is float64 (linear merges stay
     lossless to the last bf16 bit; cheap on CPUs and for core space's thin SVDs), except
     where an SVD of a dense m×n matrix runs on an accelerator — KnOTS's space, full-space
-    TSV / CART / Iso — which float64 slows 2–64× on GPUs; there it is float32. TIES and
-    DARE keep float64 in every space: their trims and masks fall on coordinates that a
-    float32 SVD rotates (bench/perf/README.md, "Precision", measures both)."""
+    TSV / CART / Iso — as GPUs run float64 at 1/2–1/64 of float32's rate; there it is
+    float32. TIES and DARE keep float64 everywhere: they keep or drop single entries, and
+    float32's rounding changes which, in up to 5 % of the weights (bench/perf/README.md,
+    "Precision")."""
     if parameters.precision != "auto":
         return COMPUTE_DTYPES[parameters.precision]
     dense_svd = space == "knots" or (space == "full" and parameters.merge in SVD_METHODS)

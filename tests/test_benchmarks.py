@@ -34,6 +34,27 @@ def test_perf_module_bench_small():
     assert all(f"\n{m} " in out for m in ("ta", "ties", "tsv"))
 
 
+def test_perf_precision_bench_small(tmp_path):
+    """float32 against float64 on real PEFT adapters' modules and on one random module:
+    every space × method reported; a linear merge loses no more than float32 rounding."""
+    from mergekit_corespace import toy
+
+    base = toy.save_tiny_model(str(tmp_path / "base"), "llama")
+    for r in (4, 8):
+        toy.save_lora_adapter(base, str(tmp_path / "adapters" / f"r{r}"), r=r, seed=r)
+    methods = ("ta", "ties", "tsv")
+    options = ("--every", "1", "--shape", "96x80", "--methods", ",".join(methods))
+    out = _run("bench/perf/precision_bench.py", "--adapters", str(tmp_path / "adapters"), *options)
+    rows = [
+        line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "e-" in line
+    ]
+    assert len(rows) == 2 * 3 * len(methods)  # real adapters and the random module
+    assert {(row[0][2:], row[1]) for row in rows} == {
+        (space, method) for space in ("core", "knots", "full") for method in methods
+    }
+    assert all(float(row[2]) < 1e-5 for row in rows if row[1] == "ta")
+
+
 def test_accuracy_bench_smoke(tmp_path, monkeypatch):
     results = tmp_path / "results.md"
     out = _run("bench/accuracy/run.py", "--smoke", "--results", str(results))

@@ -72,7 +72,7 @@ def compare(factors, weights, base, method: str, space: str) -> tuple[float, flo
     return error, float((ulps > 0).double().mean()), float(ulps.max())
 
 
-def real_adapters(folder: str, every: int, methods: list[str]) -> list[str]:
+def real_adapters(folder: str, every: int, methods: list[str]) -> None:
     paths = sorted(p for p in glob.glob(os.path.join(folder, "*")) if os.path.isdir(p))
     adapters = [LoraAdapter.open(p) for p in paths]
     base_path = adapters[0].base_model_name
@@ -82,7 +82,7 @@ def real_adapters(folder: str, every: int, methods: list[str]) -> list[str]:
         for n in sorted(adapters[0].modules)
         if int(re.search(r"layers\.(\d+)\.", n).group(1)) % every == 0
     ]
-    rows = [
+    header = [
         f"{len(paths)} adapters of {base_path} ({', '.join(map(os.path.basename, paths))}); "
         f"{len(names)} modules (every {every}th layer)",
         "",
@@ -90,6 +90,7 @@ def real_adapters(folder: str, every: int, methods: list[str]) -> list[str]:
         "| largest difference |",
         "|---|---|---|---|---|",
     ]
+    print("\n".join(header), flush=True)
     for space in SPACES:
         for method in methods:
             worst = (0.0, 0.0, 0.0)
@@ -98,14 +99,13 @@ def real_adapters(folder: str, every: int, methods: list[str]) -> list[str]:
                 weight = base[name + ".weight"]
                 result = compare(module, [1.0] * len(module), weight, method, space)
                 worst = tuple(max(x, y) for x, y in zip(worst, result))
-            rows.append(
-                f"| {space} | {method} | {worst[0]:.1e} | {worst[1]:.2%} | {worst[2]:.1f} ulp |"
+            print(
+                f"| {space} | {method} | {worst[0]:.1e} | {worst[1]:.2%} | {worst[2]:.1f} ulp |",
+                flush=True,
             )
-            print(rows[-1], flush=True)
-    return rows
 
 
-def one_module(shape: str, methods: list[str]) -> list[str]:
+def one_module(shape: str, methods: list[str]) -> None:
     m, n = (int(x) for x in shape.split("x"))
     generator = torch.Generator().manual_seed(0)
     factors = [
@@ -116,23 +116,23 @@ def one_module(shape: str, methods: list[str]) -> list[str]:
         for _ in range(6)
     ]
     base = (torch.randn(m, n, generator=generator) * 0.02).to(torch.bfloat16)
-    rows = [
+    header = [
         f"one {m} × {n} module, six rank-16 random adapters, base ~ N(0, 0.02²) in bf16",
         "",
         "| space | method | relative error | bf16 weights that differ | largest difference "
         "| seconds (float64 + float32) |",
         "|---|---|---|---|---|---|",
     ]
+    print("\n".join(header), flush=True)
     for space in SPACES:
         for method in methods:
             started = time.perf_counter()
             error, share, ulps = compare(factors, [1.0] * 6, base, method, space)
-            rows.append(
+            print(
                 f"| {space} | {method} | {error:.1e} | {share:.2%} | {ulps:.1f} ulp "
-                f"| {time.perf_counter() - started:.0f} s |"
+                f"| {time.perf_counter() - started:.0f} s |",
+                flush=True,
             )
-            print(rows[-1], flush=True)
-    return rows
 
 
 def main() -> None:
@@ -145,9 +145,10 @@ def main() -> None:
     methods = args.methods.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
     if args.adapters:
-        print("\n".join(real_adapters(args.adapters, args.every, methods)) + "\n")
+        real_adapters(args.adapters, args.every, methods)
+        print()
     if args.shape != "0":
-        print("\n".join(one_module(args.shape, methods)))
+        one_module(args.shape, methods)
 
 
 if __name__ == "__main__":
