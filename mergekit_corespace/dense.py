@@ -275,7 +275,7 @@ def top_magnitude_thresholds(tasks: DenseTasks, density: float) -> list[float]:
     thresholds = []
     for t, parts in enumerate(gathered):
         values = torch.cat(parts)
-        thresholds.append(float(values.kthvalue(values.numel() - rank[t] + 1).values))
+        thresholds.append(float(merges.kth_smallest(values, values.numel() - rank[t] + 1)))
     return thresholds
 
 

@@ -36,6 +36,26 @@ def test_ties_with_thresholds_trims_by_magnitude():
     assert torch.equal(merged, T([0.0, -2.0], [3.0, 0.0]))
 
 
+def test_ties_trim_by_sort_off_the_cpu_is_the_kthvalue_trim(monkeypatch):
+    """Off the CPU the trim threshold is read from a sort (CUDA's kthvalue is slow): the
+    same order statistic, so the same bits — with ties among magnitudes, signed zeros and
+    every density from one entry kept to all but one."""
+    generator = torch.Generator().manual_seed(0)
+    task = torch.randint(-6, 7, (13, 11), generator=generator).double() / 4  # many ties
+    task[0, 0], task[1, 1] = 0.0, -0.0
+    tasks = [task, torch.randn(13, 11, generator=generator, dtype=torch.float64)]
+    densities = (1 / task.numel(), 0.1, 0.37, 0.5, 0.7, 1 - 1 / task.numel())
+    by_kthvalue = [merges.ties(tasks, [1.0, 2.0], density) for density in densities]
+    monkeypatch.setattr(merges, "_selects_by_sort", lambda device: True)
+    by_sort = [merges.ties(tasks, [1.0, 2.0], density) for density in densities]
+    assert all(torch.equal(a, b) for a, b in zip(by_sort, by_kthvalue, strict=True))
+    for density in densities:  # the trim itself, entry for entry
+        keep = max(1, int(density * task.numel()))
+        kept = merges.keep_top_magnitudes(task, density)
+        threshold = task.abs().flatten().kthvalue(task.numel() - keep + 1).values
+        assert torch.equal(kept, task * (task.abs() >= threshold))
+
+
 def test_dare_with_density_one_is_task_arithmetic():
     tasks = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
     weights = [0.5, 1.0, -2.0]

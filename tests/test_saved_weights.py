@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergekit_corespace import dense
+from mergekit_corespace import dense, merges
 from mergekit_corespace.adapters import DenseWeight, LoraModule
 from mergekit_corespace.options import MergeParameters
 from mergekit_corespace.pipeline import merge_factors, merge_module, read_inputs
@@ -106,9 +106,14 @@ def test_a_generator_drawn_in_consecutive_chunks_gives_one_draws_values(dtype):
     assert torch.equal(torch.cat(chunks), whole)
 
 
-def test_ties_thresholds_are_kthvalue_of_the_whole_matrix(tmp_path, monkeypatch):
+@pytest.mark.parametrize("by_sort", [False, True])  # True: as off the CPU
+@pytest.mark.parametrize("gather_at_most", [0, 500, 1 << 22])  # radix to the last bit … none
+def test_ties_thresholds_are_kthvalue_of_the_whole_matrix(
+    tmp_path, monkeypatch, by_sort, gather_at_most
+):
+    monkeypatch.setattr(merges, "_selects_by_sort", lambda device: by_sort)
     monkeypatch.setattr(dense, "BLOCK_ELEMENTS", 64 * 48)
-    monkeypatch.setattr(dense, "_GATHER_AT_MOST", 0)
+    monkeypatch.setattr(dense, "_GATHER_AT_MOST", gather_at_most)
     contributions, base = _saved_module(tmp_path, quantized=True)
     parameters = MergeParameters(merge="ties")
     tasks = dense.DenseTasks(contributions, base, torch.float64)
