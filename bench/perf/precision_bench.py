@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -72,6 +73,26 @@ def compare(factors, weights, base, method: str, space: str) -> tuple[float, flo
     return error, float((ulps > 0).double().mean()), float(ulps.max())
 
 
+def table(title: str, modules: Callable[[], Iterable], methods: list[str]) -> None:
+    """One row per space and method: the worst of ``modules()`` (each ``(factors, W)``)."""
+    print(
+        f"{title}\n\n| space | method | relative error (worst) | bf16 weights that differ "
+        "| largest difference | seconds (float64 + float32) |\n|---|---|---|---|---|---|",
+        flush=True,
+    )
+    for space in SPACES:
+        for method in methods:
+            started, worst = time.perf_counter(), (0.0, 0.0, 0.0)
+            for factors, base in modules():
+                result = compare(factors, [1.0] * len(factors), base, method, space)
+                worst = tuple(max(x, y) for x, y in zip(worst, result))
+            print(
+                f"| {space} | {method} | {worst[0]:.1e} | {worst[1]:.2%} | {worst[2]:.1f} ulp "
+                f"| {time.perf_counter() - started:.0f} s |",
+                flush=True,
+            )
+
+
 def real_adapters(folder: str, every: int, methods: list[str]) -> None:
     paths = sorted(p for p in glob.glob(os.path.join(folder, "*")) if os.path.isdir(p))
     adapters = [LoraAdapter.open(p) for p in paths]
@@ -82,27 +103,17 @@ def real_adapters(folder: str, every: int, methods: list[str]) -> None:
         for n in sorted(adapters[0].modules)
         if int(re.search(r"layers\.(\d+)\.", n).group(1)) % every == 0
     ]
-    header = [
+
+    def modules():
+        for name in names:
+            factors = [read_factors(a.modules[name], torch.float64) for a in adapters]
+            yield factors, base[name + ".weight"]
+
+    title = (
         f"{len(paths)} adapters of {base_path} ({', '.join(map(os.path.basename, paths))}); "
-        f"{len(names)} modules (every {every}th layer)",
-        "",
-        "| space | method | largest relative error | bf16 weights that differ "
-        "| largest difference |",
-        "|---|---|---|---|---|",
-    ]
-    print("\n".join(header), flush=True)
-    for space in SPACES:
-        for method in methods:
-            worst = (0.0, 0.0, 0.0)
-            for name in names:
-                module = [read_factors(a.modules[name], torch.float64) for a in adapters]
-                weight = base[name + ".weight"]
-                result = compare(module, [1.0] * len(module), weight, method, space)
-                worst = tuple(max(x, y) for x, y in zip(worst, result))
-            print(
-                f"| {space} | {method} | {worst[0]:.1e} | {worst[1]:.2%} | {worst[2]:.1f} ulp |",
-                flush=True,
-            )
+        f"{len(names)} modules (every {every}th layer)"
+    )
+    table(title, modules, methods)
 
 
 def one_module(shape: str, methods: list[str]) -> None:
@@ -116,23 +127,8 @@ def one_module(shape: str, methods: list[str]) -> None:
         for _ in range(6)
     ]
     base = (torch.randn(m, n, generator=generator) * 0.02).to(torch.bfloat16)
-    header = [
-        f"one {m} × {n} module, six rank-16 random adapters, base ~ N(0, 0.02²) in bf16",
-        "",
-        "| space | method | relative error | bf16 weights that differ | largest difference "
-        "| seconds (float64 + float32) |",
-        "|---|---|---|---|---|---|",
-    ]
-    print("\n".join(header), flush=True)
-    for space in SPACES:
-        for method in methods:
-            started = time.perf_counter()
-            error, share, ulps = compare(factors, [1.0] * 6, base, method, space)
-            print(
-                f"| {space} | {method} | {error:.1e} | {share:.2%} | {ulps:.1f} ulp "
-                f"| {time.perf_counter() - started:.0f} s |",
-                flush=True,
-            )
+    title = f"one {m} × {n} module, six rank-16 random adapters, base ~ N(0, 0.02²) in bf16"
+    table(title, lambda: [(factors, base)], methods)
 
 
 def main() -> None:
