@@ -1,7 +1,8 @@
 """float32 against float64 merges: the error behind ``precision: auto``.
 
     python bench/perf/precision_bench.py --adapters DIR [--every 5]
-                                         [--shape 14336x4096] [--methods ta,ties,...]
+                                         [--shape 4096x14336] [--spaces core,knots,full]
+                                         [--methods ta,ties,...]
 
 ``auto`` computes in float64, except where an SVD of a dense m×n matrix runs on a GPU
 (KnOTS's space; full-space TSV, CART, Iso), which runs in float32 — but not under TIES or
@@ -16,7 +17,8 @@ DARE. This measures what float32 costs in accuracy for every space and method, o
    share of bf16 weights of W + ΔW that differ and the largest difference in bf16 units
    in the last place (of the larger of |W| and |W'|, as ``bench/gpu_smoke.py`` counts).
 2. **One module of ``--shape``** (six rank-16 random adapters; default Llama-3-8B's MLP
-   shape), the same figures for one large matrix. ``--shape 0`` skips it.
+   down_proj shape, 4096 × 14336), the same figures for one large matrix. ``--shape 0``
+   skips it. KnOTS at 14336 × 4096 (up/gate) takes about 6 min per SVD on 2 cores.
 """
 
 from __future__ import annotations
@@ -73,14 +75,14 @@ def compare(factors, weights, base, method: str, space: str) -> tuple[float, flo
     return error, float((ulps > 0).double().mean()), float(ulps.max())
 
 
-def table(title: str, modules: Callable[[], Iterable], methods: list[str]) -> None:
+def table(title: str, modules: Callable[[], Iterable], spaces: list[str], methods: list[str]):
     """One row per space and method: the worst of ``modules()`` (each ``(factors, W)``)."""
     print(
         f"{title}\n\n| space | method | relative error (worst) | bf16 weights that differ "
         "| largest difference | seconds (float64 + float32) |\n|---|---|---|---|---|---|",
         flush=True,
     )
-    for space in SPACES:
+    for space in spaces:
         for method in methods:
             started, worst = time.perf_counter(), (0.0, 0.0, 0.0)
             for factors, base in modules():
@@ -93,7 +95,7 @@ def table(title: str, modules: Callable[[], Iterable], methods: list[str]) -> No
             )
 
 
-def real_adapters(folder: str, every: int, methods: list[str]) -> None:
+def real_adapters(folder: str, every: int, spaces: list[str], methods: list[str]) -> None:
     paths = sorted(p for p in glob.glob(os.path.join(folder, "*")) if os.path.isdir(p))
     adapters = [LoraAdapter.open(p) for p in paths]
     base_path = adapters[0].base_model_name
@@ -113,10 +115,10 @@ def real_adapters(folder: str, every: int, methods: list[str]) -> None:
         f"{len(paths)} adapters of {base_path} ({', '.join(map(os.path.basename, paths))}); "
         f"{len(names)} modules (every {every}th layer)"
     )
-    table(title, modules, methods)
+    table(title, modules, spaces, methods)
 
 
-def one_module(shape: str, methods: list[str]) -> None:
+def one_module(shape: str, spaces: list[str], methods: list[str]) -> None:
     m, n = (int(x) for x in shape.split("x"))
     generator = torch.Generator().manual_seed(0)
     factors = [
@@ -128,23 +130,24 @@ def one_module(shape: str, methods: list[str]) -> None:
     ]
     base = (torch.randn(m, n, generator=generator) * 0.02).to(torch.bfloat16)
     title = f"one {m} × {n} module, six rank-16 random adapters, base ~ N(0, 0.02²) in bf16"
-    table(title, lambda: [(factors, base)], methods)
+    table(title, lambda: [(factors, base)], spaces, methods)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", help="a folder of LoRA adapters of one base model")
     parser.add_argument("--every", type=int, default=5, help="every n-th layer's modules")
-    parser.add_argument("--shape", default="14336x4096", help="one random module; 0: none")
+    parser.add_argument("--shape", default="4096x14336", help="one random module; 0: none")
+    parser.add_argument("--spaces", default=",".join(SPACES))
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
-    methods = args.methods.split(",")
+    spaces, methods = args.spaces.split(","), args.methods.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
     if args.adapters:
-        real_adapters(args.adapters, args.every, methods)
+        real_adapters(args.adapters, args.every, spaces, methods)
         print()
     if args.shape != "0":
-        one_module(args.shape, methods)
+        one_module(args.shape, spaces, methods)
 
 
 if __name__ == "__main__":
