@@ -18,7 +18,8 @@ DARE. This measures what float32 costs in accuracy for every space and method, o
    in the last place (of the larger of |W| and |W'|, as ``bench/gpu_smoke.py`` counts).
 2. **One module of ``--shape``** (six rank-16 random adapters; default Llama-3-8B's MLP
    down_proj shape, 4096 × 14336), the same figures for one large matrix. ``--shape 0``
-   skips it. KnOTS at 14336 × 4096 (up/gate) takes about 6 min per SVD on 2 cores.
+   skips it. (KnOTS at 14336 × 4096, up/gate, did not finish one float64 + float32 pair
+   within 7 min on 2 cores.)
 """
 
 from __future__ import annotations
