@@ -63,7 +63,8 @@ class MergeParameters(BaseModel):
     precision: Precision = Field(
         "auto",
         description="dtype of the SVDs and the merge; auto: float64, but float32 for dense "
-        "SVDs on a GPU (knots, and full_space tsv / cart / iso) except under ties / dare",
+        "SVDs of LoRA deltas on a GPU (knots, and full_space tsv / cart / iso) except under "
+        "ties / dare",
     )
 
     @model_validator(mode="after")

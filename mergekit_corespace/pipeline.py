@@ -34,7 +34,10 @@ COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def compute_dtype(
-    parameters: MergeParameters, space: Space, device: torch.device | str
+    parameters: MergeParameters,
+    space: Space,
+    device: torch.device | str,
+    saved_whole: bool = False,
 ) -> torch.dtype:
     """The dtype of one module's merge. ``precision: auto`` is float64 (linear merges stay
     lossless to the last bf16 bit; cheap on CPUs and for core space's thin SVDs), except
@@ -42,13 +45,14 @@ def compute_dtype(
     TSV / CART / Iso — as GPUs run float64 at 1/2–1/64 of float32's rate; there it is
     float32. TIES and DARE keep float64 everywhere: they keep or drop single entries, and
     float32's rounding changes which, in up to 5 % of the weights (bench/perf/README.md,
-    "Precision")."""
+    "Precision"). So do weights saved whole: on tall ones the SVDs come from Gram matrices,
+    whose float32 rounding floor is √(max(shape)·eps), 12 % of σ_max at a 128k vocabulary."""
     if parameters.precision != "auto":
         return COMPUTE_DTYPES[parameters.precision]
     dense_svd = space == "knots" or (space == "full" and parameters.merge in SVD_METHODS)
     on_accelerator = torch.device(device).type != "cpu"
-    if dense_svd and parameters.merge not in SELECTION_METHODS and on_accelerator:
-        return torch.float32
+    if dense_svd and not saved_whole and parameters.merge not in SELECTION_METHODS:
+        return torch.float32 if on_accelerator else torch.float64
     return torch.float64
 
 
@@ -124,7 +128,7 @@ def read_inputs(
     — or, when ``views`` is given, the views read are added to it for the caller to
     release together with its own."""
     saved = any(isinstance(p, DenseWeight) for parts in contributions for p in parts)
-    dtype = compute_dtype(parameters, "full" if saved else space, device)
+    dtype = compute_dtype(parameters, space, device, saved_whole=saved)
     inputs, read = [], []
     cast_base = None
     for parts in contributions:
@@ -172,7 +176,7 @@ def merge_module(
     saved = any(isinstance(p, DenseWeight) for parts in contributions for p in parts)
     lambda_ = parameters.lambda_ if scaled else 1.0
     if saved and dense.streams(parameters, tuple(base.shape), len(contributions)):
-        dtype = compute_dtype(parameters, "full", device)
+        dtype = compute_dtype(parameters, "full", device, saved_whole=True)
         tasks = dense.DenseTasks(contributions, base, dtype, device, views)
         return dense.merge_saved(tasks, weights, parameters, seed).scaled(lambda_)
 

@@ -260,8 +260,8 @@ def test_row_blocked_merges_never_depend_on_the_ambient_device(tmp_path, monkeyp
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_auto_precision_is_float32_only_for_dense_svds_off_the_cpu(tmp_path, device):
     """``precision: auto``: float64 on the CPU, for core space, for full-space merges without
-    an SVD and for TIES / DARE everywhere; float32 for KnOTS and for full-space (or saved
-    whole) TSV / CART / Iso on another device ("meta" stands for a GPU: the factors are
+    an SVD, for TIES / DARE everywhere and for weights saved whole; float32 for KnOTS and
+    for full-space TSV / CART / Iso on another device ("meta" stands for a GPU: the factors are
     moved there, nothing is computed). An explicit precision wins."""
     contributions, base = _saved_module(tmp_path)
     lora_only = [(parts[0],) for parts in contributions if isinstance(parts[0], LoraModule)]
@@ -278,8 +278,9 @@ def test_auto_precision_is_float32_only_for_dense_svds_off_the_cpu(tmp_path, dev
         assert dtypes(lora_only, "core", merge) == {torch.float64}
         assert dtypes(lora_only, "knots", merge) == {torch.float64 if selection else off_cpu}
         assert dtypes(lora_only, "full", merge) == {off_cpu if svd else torch.float64}
-        # saved whole: merged in full space whatever the configured space
-        assert dtypes(contributions, "core", merge) == {off_cpu if svd else torch.float64}
+        # saved whole (merged in full space): float64, its Gram SVDs need it
+        for space in ("core", "knots", "full"):
+            assert dtypes(contributions, space, merge) == {torch.float64}
         for precision in ("float64", "float32"):
             for space in ("core", "knots", "full"):
                 expected = {getattr(torch, precision)}

@@ -91,7 +91,35 @@ def test_all_zero_adapters_give_a_zero_delta():
         assert merged.shape == (10, 6) and not merged.any()
 
 
+@pytest.mark.parametrize("space", ["core", "knots"])
+def test_float32_keeps_a_weak_adapter_of_a_wide_module(space):
+    """In float32 numpy's rank rule (max(shape)·eps) is 3e-3 of σ_max for a KnOTS
+    concatenation of 6 × 4 200 columns: it dropped every direction of an adapter 1 000×
+    weaker than the others. The cut at √eps keeps it: the float32 merge is the float64
+    merge to float32's rounding, relative to the weak adapter's own delta too."""
+    generator = torch.Generator().manual_seed(0)
+    factors = [
+        (
+            torch.randn(32, 2, generator=generator, dtype=torch.float64),
+            torch.randn(2, 4200, generator=generator, dtype=torch.float64) / 60,
+        )
+        for _ in range(6)
+    ]
+    factors[5] = (factors[5][0] * 1e-3, factors[5][1])
+    weak = factors[5][0] @ factors[5][1]
+    merged = {}
+    for dtype in (torch.float64, torch.float32):
+        parameters = MergeParameters(precision=str(dtype).removeprefix("torch."))
+        cast = [(b.to(dtype), a.to(dtype)) for b, a in factors]
+        merged[dtype] = merge_factors(cast, [1.0] * 6, parameters, space).to_dense().double()
+    assert torch.allclose(merged[torch.float64], sum(b @ a for b, a in factors))
+    assert (merged[torch.float32] - merged[torch.float64]).norm() < 1e-2 * weak.norm()
+
+
 def test_relative_rank_cut_counts_non_null_values():
     values = torch.tensor([10.0, 1.0, 1e-20, 0.0], dtype=torch.float64)
     assert linalg.relative_rank_cut(values, (4, 4)) == 2
     assert linalg.relative_rank_cut(torch.zeros(3, dtype=torch.float64), (3, 3)) == 0
+    # float32, a wide matrix: numpy's max(shape)·eps (1e-2 here) is capped at √eps (3.5e-4)
+    wide = torch.tensor([1.0, 1e-3, 1e-5], dtype=torch.float32)
+    assert linalg.relative_rank_cut(wide, (4096, 86016)) == 2
