@@ -50,10 +50,8 @@ def compute_dtype(
     if parameters.precision != "auto":
         return COMPUTE_DTYPES[parameters.precision]
     dense_svd = space == "knots" or (space == "full" and parameters.merge in SVD_METHODS)
-    on_accelerator = torch.device(device).type != "cpu"
-    if dense_svd and not saved_whole and parameters.merge not in SELECTION_METHODS:
-        return torch.float32 if on_accelerator else torch.float64
-    return torch.float64
+    pays = dense_svd and not saved_whole and parameters.merge not in SELECTION_METHODS
+    return torch.float32 if pays and torch.device(device).type != "cpu" else torch.float64
 
 
 def module_seed(random_seed: int | None, weight_name: str) -> int:
