@@ -103,7 +103,8 @@ def test_task_splits_are_disjoint_deterministic_and_labelled():
 
 def test_llm_bench_smoke(tmp_path):
     """The LLM benchmark end to end on a tiny random Llama: adapters trained, λ / density
-    tuned, each choice written by mergekit-yaml and by mergekit-corespace-lora, the page."""
+    tuned, each choice written by mergekit-yaml and by mergekit-corespace-lora, the page;
+    then bench/llm/precision.py on its choices."""
     import json
 
     out = _run("bench/llm/run.py", "--smoke", "--out", str(tmp_path))
@@ -128,6 +129,12 @@ def test_llm_bench_smoke(tmp_path):
     first = page
     _run("bench/llm/run.py", "--render", "--out", str(tmp_path))
     assert (tmp_path / "results.md").read_text() == first
+    # the same choices rewritten in float64 and float32: float64 gives the saved answers
+    predictions = str(tmp_path / "predictions.json")
+    out = _run("bench/llm/precision.py", "--smoke", "--predictions", predictions)
+    for label in ("ties · core", "ties · knots"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {label} |"))
+        assert row.endswith("| yes |"), row
 
 
 def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():

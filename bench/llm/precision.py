@@ -1,6 +1,6 @@
 """What float32 merging costs a real LLM: bench/llm's chosen merges in float32 and float64.
 
-    python bench/llm/precision.py [--labels "iso_cts · knots,ties · core,..."]
+    python bench/llm/precision.py [--labels "iso_cts · knots,ties · core,..."] [--smoke]
 
 For each chosen merge of ``bench/llm/predictions.json`` (same adapters, λ and density),
 ``mergekit-yaml`` writes the model twice, with ``precision: float64`` and ``float32``, and
@@ -55,27 +55,31 @@ def weights_apart(first: str, second: str, base: str) -> tuple[int, int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", default=LABELS, help="comma-separated 'method · space'")
+    parser.add_argument("--labels", default=None, help="comma-separated 'method · space'")
     parser.add_argument("--predictions", default=os.path.join(HERE, "predictions.json"))
     parser.add_argument("--cache", default=run.CACHE)
+    parser.add_argument(
+        "--smoke", action="store_true", help="CI: the merges of `run.py --smoke`'s predictions"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with open(args.predictions, encoding="utf-8") as handle:
         saved = json.load(handle)
     outcomes = run.report.decode(saved)
     individual = outcomes[run.INDIVIDUAL]
-    labels = [label.strip() for label in args.labels.split(",")]
+    default = "ties · core,ties · knots" if args.smoke else LABELS
+    labels = [label.strip() for label in (args.labels or default).split(",")]
     for label in labels:
         if label not in saved["rows"]:
             sys.exit(f"--labels: {label!r} is not a row of {args.predictions}")
     started = time.perf_counter()
     work = tempfile.mkdtemp(prefix="llm-precision-")
     try:
-        plan = dict(run.FULL, cache=args.cache)
-        base = run.base_model(False, work)
-        tasks = run.chat_tasks.load_chat_tasks(
-            plan["tasks"], seed=run.SEED, validation=plan["validation"], test=plan["test"]
-        )
+        plan = dict(run.SMOKE if args.smoke else run.FULL)
+        plan["cache"] = os.path.join(work, "cache") if args.smoke else args.cache
+        base = run.base_model(args.smoke, work)
+        sizes = {k: plan[k] for k in ("validation", "test", "train") if k in plan}
+        tasks = run.chat_tasks.load_chat_tasks(plan["tasks"], seed=run.SEED, **sizes)
         test = run.chat_tasks.write_task_files(tasks, "test", os.path.join(work, "test"))
         adapters, trained = run.train_adapters(base, tasks, plan)
         from transformers import AutoTokenizer
@@ -84,7 +88,7 @@ def main() -> None:
         raw = yaml.safe_load(run.recipe_text(base, adapters))
         boot = run.stats.Bootstrap({name: len(v) for name, v in individual.items()})
         print(
-            f"SmolLM2-135M-Instruct, six adapters, {len(individual)} tasks × {plan['test']} "
+            f"{saved['model']}, {len(adapters)} adapters, {len(individual)} tasks × {plan['test']} "
             f"test examples; adapters {'trained' if trained else 'cached'}\n\n"
             "| merge | float64 | float32 | float32 − float64 [95 % CI] | answers changed "
             "| bf16 weights that differ | largest difference | float64 = saved answers |\n"
