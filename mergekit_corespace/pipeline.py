@@ -44,9 +44,10 @@ def compute_dtype(
     where an SVD of a dense m×n matrix runs on an accelerator — KnOTS's space, full-space
     TSV / CART / Iso — as GPUs run float64 at 1/2–1/64 of float32's rate; there it is
     float32. TIES and DARE keep float64 everywhere: they keep or drop single entries, and
-    float32's rounding changes which, in up to 5 % of the weights (bench/perf/README.md,
-    "Precision"). So do weights saved whole: on tall ones the SVDs come from Gram matrices,
-    whose float32 rounding floor is √(max(shape)·eps), 12 % of σ_max at a 128k vocabulary."""
+    float32's rounding changes which (up to 75 % of the bf16 weights of a merged 8 B
+    module: bench/perf/README.md, "Precision"). So do weights saved whole: on tall ones
+    their SVDs come from Gram matrices, whose float32 rounding floor is √(max(shape)·eps),
+    12 % of σ_max at a 128k vocabulary."""
     if parameters.precision != "auto":
         return COMPUTE_DTYPES[parameters.precision]
     dense_svd = space == "knots" or (space == "full" and parameters.merge in SVD_METHODS)
