@@ -14,7 +14,7 @@ def relative_rank_cut(singular_values: torch.Tensor, shape: Sequence[int]) -> in
 
     The cap binds in float32 only (in float64 below 6.7·10⁷ rows or columns): there numpy's
     rule is 1 % of σ_max at 4 096 × 6·14 336 (a KnOTS concatenation at 8 B), enough to drop
-    every direction of an adapter 10× weaker than another, while rounding leaves the null
+    real directions of an adapter 10× weaker than another, while rounding leaves the null
     directions near 1e-6 (bench/perf/README.md, "Precision")."""
     if singular_values.numel() == 0 or singular_values[0] == 0:
         return 0
