@@ -96,7 +96,7 @@ def test_float32_keeps_a_weak_adapter_of_a_wide_module(space):
     """In float32 numpy's rank rule (max(shape)·eps) is 3e-3 of σ_max for a KnOTS
     concatenation of 6 × 4 200 columns: it dropped every direction of an adapter 1 000×
     weaker than the others. The cut at √eps keeps it: the float32 merge is the float64
-    merge to float32's rounding, relative to the weak adapter's own delta too."""
+    merge to float32's rounding (~1 % of the weak delta here; dropped, it is all of it)."""
     generator = torch.Generator().manual_seed(0)
     factors = [
         (
@@ -113,7 +113,7 @@ def test_float32_keeps_a_weak_adapter_of_a_wide_module(space):
         cast = [(b.to(dtype), a.to(dtype)) for b, a in factors]
         merged[dtype] = merge_factors(cast, [1.0] * 6, parameters, space).to_dense().double()
     assert torch.allclose(merged[torch.float64], sum(b @ a for b, a in factors))
-    assert (merged[torch.float32] - merged[torch.float64]).norm() < 1e-2 * weak.norm()
+    assert (merged[torch.float32] - merged[torch.float64]).norm() < 0.1 * weak.norm()
 
 
 def test_relative_rank_cut_counts_non_null_values():
