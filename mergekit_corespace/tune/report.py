@@ -1,0 +1,103 @@
+"""The scored grid written for people and programs: the Markdown table, ``results.csv``,
+``results.json``, the winning recipe ``best.yml`` and the plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from mergekit_corespace.tune.grid import label
+from mergekit_corespace.tune.plot import plot_score_vs_lambda
+
+if TYPE_CHECKING:
+    from mergekit_corespace.tune.plan import Plan
+    from mergekit_corespace.tune.results import Row, TuneResult
+
+
+def markdown_table(result: TuneResult) -> str:
+    """The result as a Markdown table, the winning row marked with *."""
+    keys, tasks = _columns(result)
+    normalised = bool(result.references)
+    header = [*keys, *(f"{t} ({result.metrics[t]})" for t in tasks), "average"]
+    if normalised:
+        header.append("normalised")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result.rows:
+        mark = " *" if row is result.best else ""
+        cells = [str(row.point.get(key, "")) for key in keys]
+        cells += [f"{row.scores[t]:.4f}" for t in tasks] + [f"{row.average:.4f}"]
+        if normalised:
+            cells.append(f"{row.normalised_average:.4f}")
+        cells[-1] += mark
+        lines.append("| " + " | ".join(cells) + " |")
+    if result.references:
+        shown = ", ".join(f"{task} {score:.4f}" for task, score in result.references.items())
+        lines.append(f"\nOwn adapter alone (references): {shown}")
+    lines.append(f"Best by {result.selected_by}: {label(result.best.point)} (marked *)")
+    lines += [
+        f"At the grid's edge: {note}; a wider grid may score higher" for note in result.at_edge()
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(plan: Plan, result: TuneResult) -> None:
+    """``results.csv``, ``results.json``, ``best.yml`` and ``score_vs_lambda.png`` in
+    ``OUT``, each written aside and moved into place."""
+    keys, tasks = _columns(result)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    normalised = bool(result.references)
+    writer.writerow(
+        [*keys, *tasks, "average"]
+        + ([*(f"{t} normalised" for t in result.references), "normalised"] if normalised else [])
+    )
+    for row in result.rows:
+        writer.writerow(
+            [row.point.get(key, "") for key in keys]
+            + [repr(row.scores[t]) for t in tasks]
+            + [repr(row.average)]
+            + (
+                [
+                    *(repr(row.normalised[t]) for t in result.references),
+                    repr(row.normalised_average),
+                ]
+                if normalised
+                else []
+            )
+        )
+    write_text(os.path.join(plan.out, "results.csv"), buffer.getvalue())
+    summary = {
+        "config": plan.config_path,
+        "metrics": result.metrics,
+        "references": result.references,
+        "selected_by": result.selected_by,
+        "best": _row_json(result.best),
+        "points": [_row_json(row) for row in result.rows],
+    }
+    write_text(os.path.join(plan.out, "results.json"), json.dumps(summary, indent=1) + "\n")
+    write_text(os.path.join(plan.out, "best.yml"), result.recipe)
+    plot_score_vs_lambda(plan, result, os.path.join(plan.out, "score_vs_lambda.png"))
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _columns(result: TuneResult) -> tuple[list[str], list[str]]:
+    keys = list(dict.fromkeys(key for row in result.rows for key in row.point))
+    return keys, list(result.metrics)
+
+
+def _row_json(row: Row) -> dict[str, Any]:
+    return {
+        "point": row.point,
+        "scores": row.scores,
+        "average": row.average,
+        "normalised": row.normalised,
+        "normalised_average": row.normalised_average,
+    }

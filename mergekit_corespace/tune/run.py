@@ -1,0 +1,150 @@
+"""One tuning run, start to end: plan, references, every point not yet in the log scored
+(λ groups sharing one merge), the winner chosen and written, and optionally merged."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mergekit_corespace.tune.grid import label, lambda_groups, point_key
+from mergekit_corespace.tune.plan import Plan
+from mergekit_corespace.tune.points_log import LOG_FILE, PointsLog
+from mergekit_corespace.tune.report import write_outputs
+from mergekit_corespace.tune.results import PointTimes, Row, TuneResult
+from mergekit_corespace.tune.selection import scored_row, select_best
+from mergekit_corespace.tune.session import Session
+
+LOG = logging.getLogger(__name__)
+
+
+def tune(
+    config: str | os.PathLike,
+    data: str | os.PathLike,
+    grid: Sequence[str] | Mapping[str, Sequence[Any]] | None = None,
+    *,
+    metric: str | Mapping[str, str] = "auto",
+    out: str | os.PathLike | None = None,
+    device: str = "cpu",
+    merge: str | None = None,
+    normalise: bool = True,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    random_seed: int | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    on_point: Callable[[Row, PointTimes], None] | None = None,
+    score_as: str | None = None,
+) -> TuneResult:
+    """Score every grid point of the recipe ``config`` on the task files in ``data``.
+
+    Args:
+        config: a recipe of this project (``merge_method: core_space``, ``knots`` or
+            ``full_space``), as for ``mergekit-yaml``.
+        data: a directory of ``*.jsonl`` task files (:mod:`mergekit_corespace.evaluate`);
+            ``nli.jsonl`` is the task of the adapter named ``nli``.
+        grid: ``["lambda=0.5,1,2", "merge=ta,ties density=0.3,0.7"]`` or
+            ``{"lambda": [0.5, 1, 2]}``, or a list of such mappings (their points, in
+            order: e.g. a λ range per inner method); default ``lambda=0.25,0.5,0.75,1,1.5``.
+        metric: ``auto``, ``choice``, ``exact`` or ``loglik`` for every task, or
+            ``{task: metric}`` (``"*"`` for the rest).
+        out: output directory (default ``<config stem>-tune``): points log, tables, plot,
+            winning recipe, and with ``merge`` the final merge in ``OUT/merged``.
+        device: ``cpu`` or ``cuda``: where the model runs and the merges are computed.
+        merge: ``model`` or ``adapter``: also write the winning merge.
+        normalise: score each task's own adapter alone as the task's reference.
+        batch_size, max_new_tokens: evaluation settings (``exact`` generates at most as
+            many tokens as the task's longest answer unless ``max_new_tokens`` is given).
+        random_seed: mergekit's ``--random-seed`` (DARE masks).
+        fresh: discard the points a previous run in ``out`` scored.
+        progress: show a progress bar over the grid points.
+        on_point: called after each newly scored point with its row and times.
+        score_as: ``model`` (the merged weights in the loaded base: what ``mergekit-yaml``
+            writes) or ``adapter`` (the merged adapter on it with PEFT: what
+            ``mergekit-corespace-lora`` writes); default ``adapter`` with
+            ``merge="adapter"``, else ``model``.
+    """
+    from tqdm import tqdm
+
+    plan = Plan.prepare(
+        config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, random_seed,
+        score_as,
+    )  # fmt: skip
+    os.makedirs(plan.out, exist_ok=True)
+    log = PointsLog(os.path.join(plan.out, LOG_FILE), plan.fingerprint, fresh)
+    session = Session(plan)
+    references = _references(plan, log, session) if normalise else {}
+    rows = {}
+    bar = tqdm(total=len(plan.points), desc="Grid points", unit="point", disable=not progress)
+
+    def scored(point, scores):
+        rows[point_key(point)] = row = scored_row(point, scores, plan, references)
+        bar.update()
+        bar.set_postfix_str(
+            f"{label(point)}: "
+            + " ".join(f"{task} {score:.3f}" for task, score in scores.items())
+            + f" | avg {row.average:.3f}"
+        )
+        return row
+
+    pending = []
+    for point in plan.points:
+        scores = log.scores(point)
+        if scores is None:
+            pending.append(point)
+        else:
+            scored(point, scores)
+    for group in lambda_groups(pending):
+        for point, scores, times in session.score(group):
+            log.add_point(point, scores)
+            row = scored(point, scores)
+            if on_point is not None:
+                on_point(row, times)
+    bar.close()
+    session.close()
+    result = select_best(plan, references, [rows[point_key(point)] for point in plan.points])
+    write_outputs(plan, result)
+    for note in result.at_edge():
+        LOG.warning("the best point is at the grid's edge: %s; a wider grid may score higher", note)
+    if merge is not None:
+        result.merged = final_merge(plan, result, merge)
+    return result
+
+
+def _references(plan: Plan, log: PointsLog, session: Session) -> dict[str, float]:
+    """Each task's own adapter's score on it (from the log when scored before); a choice
+    or exact task whose adapter scores 0 is left unnormalised."""
+    references = {}
+    for task in plan.tasks:
+        if task.name not in plan.own_adapters:
+            continue
+        cached = log.reference(task.name)
+        references[task.name] = (
+            cached if cached is not None else log.add_reference(task.name, session.reference(task))
+        )
+    for task in plan.tasks:
+        if task.metric != "loglik" and references.get(task.name) == 0:
+            LOG.warning(
+                "%s: its own adapter alone scores 0 (%s); the task is not normalised",
+                task.path,
+                task.metric,
+            )
+            del references[task.name]
+    return references
+
+
+def final_merge(plan: Plan, result: TuneResult, kind: str) -> str:
+    """The winning recipe merged by the same code ``mergekit-yaml`` (a model) or
+    ``mergekit-corespace-lora`` (an adapter) run, into ``OUT/merged``."""
+    config = plan.config_of(result.best.point)
+    path = os.path.join(plan.out, "merged")
+    if kind == "adapter":
+        from mergekit_corespace.glue.adapter_output import merge_to_adapter
+
+        return merge_to_adapter(config, path, plan.options).path
+    import mergekit.merge
+
+    options = plan.options.model_copy(update={"copy_tokenizer": True})
+    mergekit.merge.run_merge(config, path, options=options)
+    return path
