@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from mergekit_corespace.tune.plan import Plan
     from mergekit_corespace.tune.results import TuneResult
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
 
 
 def plot_score_vs_lambda(plan: Plan, result: TuneResult, path: str) -> None:

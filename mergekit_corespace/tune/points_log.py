@@ -15,7 +15,7 @@ from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Task
 from mergekit_corespace.tune.grid import point_key
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
 
 LOG_FILE = "points.jsonl"
 FORMAT = 1  # of the points log; part of the fingerprint

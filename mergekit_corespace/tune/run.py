@@ -16,7 +16,7 @@ from mergekit_corespace.tune.results import PointTimes, Row, TuneResult
 from mergekit_corespace.tune.selection import scored_row, select_best
 from mergekit_corespace.tune.session import Session
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
 
 
 def tune(

@@ -17,7 +17,7 @@ from mergekit_corespace.tune.results import Row, TuneResult
 if TYPE_CHECKING:
     from mergekit_corespace.tune.plan import Plan
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
 
 
 def scored_row(

@@ -14,7 +14,7 @@ from mergekit_corespace.pipeline import SpaceCache
 from mergekit_corespace.tune.plan import Plan
 from mergekit_corespace.tune.results import PointTimes
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
 
 
 class Session:
