@@ -437,6 +437,20 @@ BAD_OPTIONS = {
         ["--grid", "merge_method=linear"],
         "--grid merge_method=linear: 'linear' is not one of core_space",
     ),
+    "grid setting no point reads": (
+        ["--grid", "density=0.3,0.7"],
+        "--grid density=0.3,0.7: no point reads it: density is only read by merge: ties / dare / "
+        "dare_ties, and the points merge with ta",
+    ),
+    "grid setting no listed method reads": (
+        ["--grid", "merge=ta,tsv cart_alpha=0.1,0.2"],
+        "--grid cart_alpha=0.1,0.2: no point reads it: cart_alpha is only read by merge: cart, "
+        "and the points merge with ta / tsv",
+    ),
+    "knots setting outside knots": (
+        ["--grid", "knots_scale_tasks=true,false"],
+        "--grid knots_scale_tasks=True,False: no point reads it; only merge_method: knots does",
+    ),
     "choice without choices": (["--metric", "b=choice"], "b.jsonl:1: metric choice needs"),
     "unknown metric": (["--metric", "f1"], "unknown metric 'f1'"),
     "metric of no task": (["--metric", "zz=exact"], "--metric zz=exact: "),

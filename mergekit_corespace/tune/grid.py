@@ -77,6 +77,26 @@ def grid_points(grid: Mapping[str, list], recipe: Mapping[str, Any]) -> list[dic
     return points
 
 
+def check_every_value_is_read(
+    grid: Mapping[str, list], points: Sequence[Mapping[str, Any]], recipe: Mapping[str, Any]
+) -> None:
+    """Refuse a grid setting that no point keeps (``density`` with only ``ta`` points,
+    ``knots_scale_tasks`` outside KnOTS): its values would be dropped without a word."""
+    base_merge = (recipe.get("parameters") or {}).get("merge", "ta")
+    for key, values in grid.items():
+        if any(key in point for point in points):
+            continue
+        written = f"--grid {key}={','.join(str(value) for value in values)}"
+        if key == "knots_scale_tasks":
+            raise CoreSpaceError(f"{written}: no point reads it; only merge_method: knots does")
+        merges = list(dict.fromkeys(str(point.get("merge", base_merge)) for point in points))
+        raise CoreSpaceError(
+            f"{written}: no point reads it: {key} is only read by merge: "
+            f"{' / '.join(METHOD_PARAMETERS[key])}, and the points merge with "
+            f"{' / '.join(merges)}"
+        )
+
+
 def point_recipe(recipe: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe with the point's values; every other setting is kept, except top-level
     parameters that the point's method does not read (``density`` for ``tsv``, ...)."""

@@ -13,7 +13,14 @@ import yaml
 
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Task, check_tokenizer
-from mergekit_corespace.tune.grid import SPACES, grid_points, label, parse_grid, point_recipe
+from mergekit_corespace.tune.grid import (
+    SPACES,
+    check_every_value_is_read,
+    grid_points,
+    label,
+    parse_grid,
+    point_recipe,
+)
 from mergekit_corespace.tune.points_log import fingerprint
 
 
@@ -72,7 +79,9 @@ class Plan:
         tasks = read_tasks(os.fspath(data), metrics)
         points = []
         for one in grids:
-            points += [p for p in grid_points(one, recipe) if p not in points]
+            kept = grid_points(one, recipe)
+            check_every_value_is_read(one, kept, recipe)
+            points += [p for p in kept if p not in points]
         options = MergeOptions(
             quiet=True,
             write_model_card=False,
