@@ -502,6 +502,21 @@ def _assert_refused(setup, tmp_path, args, message, recipe=None):
     assert not out.exists()  # before any work
 
 
+def test_a_second_run_on_the_same_out_stops_at_once_naming_the_first(setup, tmp_path):
+    from mergekit_corespace.glue.staging import exclusive_lock
+
+    out = tmp_path / "tuned"
+    lock = str(tmp_path / ".tuned.lock")
+    with exclusive_lock(lock, str(out), holder="tuning run"):  # as a first run holds it
+        with pytest.raises(CoreSpaceError) as refused:
+            tune(setup["recipe"], setup["data"], ["lambda=1"], out=out, progress=False)
+    assert refused.value.message.startswith(
+        f"{out}: another tuning run is writing it (pid {os.getpid()} on "
+    )
+    assert not out.exists()  # nothing scored, nothing logged
+    assert not os.path.exists(lock)  # the first run's lock is gone with it
+
+
 class _Stop(Exception):
     pass
 

@@ -196,7 +196,7 @@ def claimed_output(out_path: str) -> Iterator[ClaimedOutput]:
     created = _make_parents(os.path.dirname(path))
     try:
         lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-        with _exclusive_lock(lock, path):
+        with exclusive_lock(lock, path):
             output = ClaimedOutput(path)
             output.remove_stale_staging()
             yield output
@@ -207,10 +207,11 @@ def claimed_output(out_path: str) -> Iterator[ClaimedOutput]:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(lock_path: str, out_path: str) -> Iterator[None]:
+def exclusive_lock(lock_path: str, out_path: str, holder: str = "merge") -> Iterator[None]:
     """``flock`` on ``lock_path``, holding this run's owner record; the file is removed on
     release. A lock taken on a file another run just removed is retried, so two runs can
-    never both hold one."""
+    never both hold one. A second run stops at once, naming the first as ``holder``
+    (``merge``, ``tuning run``)."""
     while True:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -219,7 +220,7 @@ def _exclusive_lock(lock_path: str, out_path: str) -> Iterator[None]:
             os.close(descriptor)
             if error.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise CoreSpaceError(_busy(out_path, lock_path)) from None
+            raise CoreSpaceError(_busy(out_path, lock_path, holder)) from None
         try:
             if os.fstat(descriptor).st_ino == os.stat(lock_path).st_ino:
                 break
@@ -236,14 +237,14 @@ def _exclusive_lock(lock_path: str, out_path: str) -> Iterator[None]:
         os.close(descriptor)
 
 
-def _busy(out_path: str, lock_path: str) -> str:
+def _busy(out_path: str, lock_path: str, holder: str) -> str:
     try:
         with open(lock_path, encoding="utf-8") as handle:
-            holder = _describe(json.load(handle))
+            owner = _describe(json.load(handle))
     except (OSError, ValueError):
-        holder = "its owner record is unreadable"
+        owner = "its owner record is unreadable"
     return (
-        f"{out_path}: another merge is writing it ({holder}); wait for it to finish or "
+        f"{out_path}: another {holder} is writing it ({owner}); wait for it to finish or "
         "choose another output directory"
     )
 

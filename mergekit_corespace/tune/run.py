@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from mergekit_corespace.glue.staging import exclusive_lock
 from mergekit_corespace.tune.grid import label, lambda_groups, point_key
 from mergekit_corespace.tune.plan import Plan
 from mergekit_corespace.tune.points_log import LOG_FILE, PointsLog
@@ -65,12 +66,27 @@ def tune(
             ``mergekit-corespace-lora`` writes); default ``adapter`` with
             ``merge="adapter"``, else ``model``.
     """
-    from tqdm import tqdm
-
     plan = Plan.prepare(
         config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, random_seed,
         score_as,
     )  # fmt: skip
+    os.makedirs(os.path.dirname(plan.out), exist_ok=True)
+    lock = os.path.join(os.path.dirname(plan.out), f".{os.path.basename(plan.out)}.lock")
+    with exclusive_lock(lock, plan.out, holder="tuning run"):  # one points log, one writer
+        return _tune(plan, fresh, normalise, progress, on_point, merge)
+
+
+def _tune(
+    plan: Plan,
+    fresh: bool,
+    normalise: bool,
+    progress: bool,
+    on_point: Callable[[Row, PointTimes], None] | None,
+    merge: str | None,
+) -> TuneResult:
+    """The run in ``plan.out``, which this process holds."""
+    from tqdm import tqdm
+
     os.makedirs(plan.out, exist_ok=True)
     log = PointsLog(os.path.join(plan.out, LOG_FILE), plan.fingerprint, fresh)
     session = Session(plan)
