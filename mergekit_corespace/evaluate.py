@@ -13,8 +13,9 @@ A task is a JSON Lines file, one example a line, in the formats fine-tuning tool
 Metrics (each a mean over the task's examples, higher is better):
 
 - ``choice``: accuracy of the choice with the highest log-likelihood (sum over its tokens);
-- ``exact``: greedy generation (stopped at the end-of-sequence token, at most as many
-  tokens as the task's longest answer) equals the answer, case and whitespace normalised;
+- ``exact``: plain greedy generation (stopped at the end-of-sequence token, at most as many
+  tokens as the task's longest answer; the model's own generation config does not apply)
+  equals the answer, case and whitespace normalised;
 - ``loglik``: mean log-likelihood per token of the reference answer (no generation).
 
 ``auto`` picks ``choice`` for a task whose examples all give choices, else ``loglik``.
@@ -24,6 +25,7 @@ the task and the batch size.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -387,20 +389,23 @@ class Evaluator:
         device = _device_of(model)
         order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
         outputs: list[str] = [""] * len(contexts)
-        for batch in _chunks(order, self.batch_size):
-            width = max(len(contexts[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device="cpu")
-            mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
-            for row, i in enumerate(batch):
-                ids[row, width - len(contexts[i]) :] = torch.tensor(contexts[i], device="cpu")
-                mask[row, width - len(contexts[i]) :] = 1
-            generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-            )
-            for row, i in enumerate(batch):
-                tokens = generated[row, width:].tolist()
-                cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
-                outputs[i] = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+        with _plain_greedy(model):  # the model's generation_config.json does not apply
+            for batch in _chunks(order, self.batch_size):
+                width = max(len(contexts[i]) for i in batch)
+                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device="cpu")
+                mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
+                for row, i in enumerate(batch):
+                    ids[row, width - len(contexts[i]) :] = torch.tensor(contexts[i], device="cpu")
+                    mask[row, width - len(contexts[i]) :] = 1
+                generated = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=config,
+                )
+                for row, i in enumerate(batch):
+                    tokens = generated[row, width:].tolist()
+                    cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
+                    outputs[i] = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
         return outputs
 
 
@@ -421,6 +426,23 @@ def _keeps_logits(model) -> bool:
     """Whether the model (or the model under a PEFT wrapper) takes ``logits_to_keep``."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+@contextlib.contextmanager
+def _plain_greedy(model) -> Iterator[None]:
+    """Plain greedy decoding whatever the model ships: transformers fills every field a
+    ``GenerationConfig`` leaves at its default from the model's own generation config
+    (a shipped ``repetition_penalty`` or ``no_repeat_ngram_size`` would change the answer),
+    so the model's config is a default one for the call."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shipped = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = shipped
 
 
 def _device_of(model) -> torch.device:

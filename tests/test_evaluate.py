@@ -1,0 +1,59 @@
+"""The evaluation's ``exact`` metric decodes greedily, whatever the model's own generation
+config ships: the oracle is a plain argmax loop that recomputes the whole sequence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mergekit_corespace import toy
+from mergekit_corespace.evaluate import Evaluator, read_task
+
+BUDGET = 12
+
+
+@torch.no_grad()
+def _argmax_decode(model, ids: list[int], steps: int, eos: int | None) -> list[int]:
+    out: list[int] = []
+    for _ in range(steps):
+        token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+        if token == eos:
+            break
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["model", "peft"])
+def test_exact_is_plain_greedy_whatever_the_generation_config_ships(tmp_path, wrapped):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = toy.save_tiny_model(str(tmp_path / "base"), "llama")
+    toy.save_tiny_tokenizer(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = toy.load_model(base).eval()
+    if wrapped:
+        adapter = toy.save_lora_adapter(base, str(tmp_path / "a"), r=4, lora_alpha=8, seed=1)
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    prompts = ["abcab", "hello", "zz"]
+    task_file = tmp_path / "t.jsonl"
+    task_file.write_text(
+        "".join(json.dumps({"prompt": p, "answer": "x" * BUDGET}) + "\n" for p in prompts)
+    )
+    task = read_task(str(task_file), "exact")
+    inner = model.get_base_model() if wrapped else model
+    shipped = inner.generation_config
+    shipped.repetition_penalty, shipped.no_repeat_ngram_size = 10.0, 1  # as a Hub model may
+    expected = []
+    repeats = False
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        tokens = _argmax_decode(model, ids, BUDGET, tokenizer.eos_token_id)
+        repeats |= len(set(tokens)) < len(tokens)
+        expected.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    assert repeats  # the shipped settings would change these answers
+    assert Evaluator(tokenizer, batch_size=2).predictions(model, task) == expected
+    assert inner.generation_config is shipped  # given back after the call
+    assert shipped.repetition_penalty == 10.0
