@@ -78,9 +78,9 @@ __all__ = [
 
 
 class _CallableModule(types.ModuleType):
-    """Importing this package sets ``mergekit_corespace.tune`` to the package itself, which
-    hides the function of the same name that ``from mergekit_corespace import tune`` gives
-    before; calling the package calls the function, so both spellings work."""
+    """``from mergekit_corespace import tune`` gives this package, not the function: Python
+    imports the subpackage of that name, then reads the attribute, now the package. Calling
+    the package calls the function, so ``tune(...)`` works however it was imported."""
 
     def __call__(self, *args, **kwargs):
         return tune(*args, **kwargs)
