@@ -108,6 +108,30 @@ class Evaluator:
             for p, e in zip(predictions, task.examples, strict=True)
         ]
 
+    def check_fits(self, tasks: Sequence[Task], positions: int | None, model_path: str) -> None:
+        """Before any work: every prompt is at least one token (the answer's first token is
+        scored from the position before it), and every scored sequence fits ``positions``
+        (the model's ``max_position_embeddings``; None: no limit)."""
+        for task in tasks:
+            encoded = self._encode(task)
+            budget = self.max_new_tokens or encoded.longest_answer
+            for example, context, candidates in zip(
+                task.examples, encoded.contexts, encoded.candidates, strict=True
+            ):
+                where = f"{task.path}:{example.line}"
+                if not context:
+                    raise CoreSpaceError(
+                        f"{where}: the prompt is no tokens and the tokenizer of {model_path} adds "
+                        "none before it: the answer would follow nothing; write a prompt"
+                    )
+                # generating k tokens runs the model over the context and k - 1 of them
+                extra = budget - 1 if task.metric == "exact" else max(map(len, candidates))
+                if positions is not None and len(context) + extra > positions:
+                    raise CoreSpaceError(
+                        f"{where}: the prompt and answer take {len(context) + extra} positions, "
+                        f"more than the {positions} of {model_path} (max_position_embeddings)"
+                    )
+
     def _encode(self, task: Task) -> _Encoded:
         key = (task.path, task.metric)  # choice encodes every choice, the others the answer
         if key not in self._encoded:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mergekit_corespace import toy
+from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Evaluator, read_task
 
 BUDGET = 12
@@ -57,3 +58,44 @@ def test_exact_is_plain_greedy_whatever_the_generation_config_ships(tmp_path, wr
     assert Evaluator(tokenizer, batch_size=2).predictions(model, task) == expected
     assert inner.generation_config is shipped  # given back after the call
     assert shipped.repetition_penalty == 10.0
+
+
+def _task(tmp_path, records, metric):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return read_task(str(path), metric)
+
+
+def test_a_prompt_of_no_tokens_is_refused_naming_its_line(tmp_path):
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    base = toy.save_tiny_tokenizer(str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    evaluator = Evaluator(tokenizer)
+    records = [{"prompt": "ab", "answer": "c"}, {"prompt": "", "answer": "c"}]
+    evaluator.check_fits([_task(tmp_path, records, "loglik")], 64, "base")  # <s> comes first
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A", pair="$A $B"
+    )  # a tokenizer that adds no BOS token, as many BPE ones
+    with pytest.raises(CoreSpaceError, match=r"t\.jsonl:2: the prompt is no tokens and the tok"):
+        Evaluator(tokenizer).check_fits([_task(tmp_path, records, "loglik")], 64, "base")
+
+
+@pytest.mark.parametrize(
+    ("metric", "answer", "needed"),
+    [("loglik", "cde", 6), ("exact", "cde", 5), ("choice", "cde", 6)],
+)  # <s>ab + the answer; exact runs the model over all but the last generated token
+def test_the_positions_a_sequence_needs_are_counted_exactly(tmp_path, metric, answer, needed):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.save_tiny_tokenizer(str(tmp_path)))
+    record = {"prompt": "ab", "answer": answer}
+    if metric == "choice":
+        record["choices"] = ["z", answer]
+    task = _task(tmp_path, [record], metric)
+    Evaluator(tokenizer).check_fits([task], needed, "base")
+    message = rf"t\.jsonl:1: the prompt and answer take {needed} positions, more than the "
+    message += rf"{needed - 1} of base \(max_position_embeddings\)$"
+    with pytest.raises(CoreSpaceError, match=message):
+        Evaluator(tokenizer).check_fits([task], needed - 1, "base")

@@ -91,7 +91,9 @@ def grid(method: str, space: str, plan: dict) -> dict[str, list]:
 
 def base_model(smoke: bool, work: str) -> str:
     if smoke:  # a tiny random Llama with a character tokenizer and a chat template
-        path = toy.save_tiny_model(os.path.join(work, "base"), "llama", dtype=torch.bfloat16)
+        path = toy.save_tiny_model(  # positions for the longest prompt, in characters
+            os.path.join(work, "base"), "llama", dtype=torch.bfloat16, max_position_embeddings=2048
+        )
         return toy.save_tiny_tokenizer(path)
     from cost import CACHE as MODELS  # bench/tune/cost.py: built once, shared
     from cost import smollm2

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.evaluate import Task, check_tokenizer
+from mergekit_corespace.evaluate import Evaluator, Task, check_tokenizer
 from mergekit_corespace.tune.grid import (
     SPACES,
     check_every_value_is_read,
@@ -41,6 +41,7 @@ class Plan:
     device: str
     dtype: str | None
     evaluation: dict[str, Any]
+    evaluator: Evaluator  # the tasks already encoded (and checked) with the tokenizer
     fingerprint: str
     out: str
     score_as: str  # "model" or "adapter"
@@ -116,6 +117,12 @@ class Plan:
         check_tokenizer(tasks, tokenizer, base.path)
         dtype = configs[0].dtype
         evaluation = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        evaluator = Evaluator(tokenizer, **evaluation)
+        base_config = run.checkpoint.config
+        positions = getattr(base_config, "max_position_embeddings", None) or getattr(
+            base_config, "n_positions", None
+        )
+        evaluator.check_fits(tasks, positions, base.path)
         settings = dict(evaluation, device=device, dtype=dtype, seed=seed)
         if score_as == "model":  # logs scored as adapters, before this choice, stay valid
             settings["scored_as"] = score_as
@@ -135,6 +142,7 @@ class Plan:
             device=device,
             dtype=dtype,
             evaluation=evaluation,
+            evaluator=evaluator,
             fingerprint=fingerprint(recipe, run, tasks, settings),
             out=os.path.abspath(os.fspath(out)),
             score_as=score_as,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mergekit_corespace.evaluate import Evaluator, Task
+from mergekit_corespace.evaluate import Task
 from mergekit_corespace.pipeline import SpaceCache
 from mergekit_corespace.tune.plan import Plan
 from mergekit_corespace.tune.results import PointTimes
@@ -23,7 +23,7 @@ class Session:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.evaluator = Evaluator(plan.tokenizer, **plan.evaluation)
+        self.evaluator = plan.evaluator
         self.model = None  # the PeftModel, once the first adapter is on
         self.active: str | None = None
         self.count = 0
