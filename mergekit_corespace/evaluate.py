@@ -124,8 +124,14 @@ class Evaluator:
                         f"{where}: the prompt is no tokens and the tokenizer of {model_path} adds "
                         "none before it: the answer would follow nothing; write a prompt"
                     )
-                # generating k tokens runs the model over the context and k - 1 of them
-                extra = budget - 1 if task.metric == "exact" else max(map(len, candidates))
+                # generating k tokens runs the model over the context and k - 1 of them; a
+                # one-token choice is read off the context's pass (as _choices scores them)
+                if task.metric == "exact":
+                    extra = budget - 1
+                elif task.metric == "choice":
+                    extra = max(0 if len(c) == 1 else len(c) for c in candidates)
+                else:
+                    extra = max(map(len, candidates))
                 if positions is not None and len(context) + extra > positions:
                     raise CoreSpaceError(
                         f"{where}: the prompt and answer take {len(context) + extra} positions, "

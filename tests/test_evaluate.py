@@ -84,15 +84,16 @@ def test_a_prompt_of_no_tokens_is_refused_naming_its_line(tmp_path):
 
 @pytest.mark.parametrize(
     ("metric", "answer", "needed"),
-    [("loglik", "cde", 6), ("exact", "cde", 5), ("choice", "cde", 6)],
-)  # <s>ab + the answer; exact runs the model over all but the last generated token
+    [("loglik", "cde", 6), ("exact", "cde", 5), ("choice", "cde", 6), ("choice", "c", 3)],
+)  # <s>ab + the answer; exact runs the model over all but the last generated token, and
+# one-token choices are read off the context's own pass
 def test_the_positions_a_sequence_needs_are_counted_exactly(tmp_path, metric, answer, needed):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(toy.save_tiny_tokenizer(str(tmp_path)))
     record = {"prompt": "ab", "answer": answer}
     if metric == "choice":
-        record["choices"] = ["z", answer]
+        record["choices"] = ["z", answer]  # "z": one token
     task = _task(tmp_path, [record], metric)
     Evaluator(tokenizer).check_fits([task], needed, "base")
     message = rf"t\.jsonl:1: the prompt and answer take {needed} positions, more than the "
