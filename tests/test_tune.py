@@ -512,7 +512,8 @@ def test_a_second_run_on_the_same_out_stops_at_once_naming_the_first(setup, tmp_
 
     out = tmp_path / "tuned"
     lock = str(tmp_path / ".tuned.lock")
-    with exclusive_lock(lock, str(out), holder="tuning run"):  # as a first run holds it
+    with exclusive_lock(str(out), holder="tuning run"):  # as a first run holds it
+        assert os.path.exists(lock)
         with pytest.raises(CoreSpaceError) as refused:
             tune(setup["recipe"], setup["data"], ["lambda=1"], out=out, progress=False)
     assert refused.value.message.startswith(

@@ -195,8 +195,7 @@ def claimed_output(out_path: str) -> Iterator[ClaimedOutput]:
         raise CoreSpaceError(f"{path}: exists and is not a directory")
     created = _make_parents(os.path.dirname(path))
     try:
-        lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-        with exclusive_lock(lock, path):
+        with exclusive_lock(path):
             output = ClaimedOutput(path)
             output.remove_stale_staging()
             yield output
@@ -207,11 +206,12 @@ def claimed_output(out_path: str) -> Iterator[ClaimedOutput]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: str, out_path: str, holder: str = "merge") -> Iterator[None]:
-    """``flock`` on ``lock_path``, holding this run's owner record; the file is removed on
-    release. A lock taken on a file another run just removed is retried, so two runs can
-    never both hold one. A second run stops at once, naming the first as ``holder``
-    (``merge``, ``tuning run``)."""
+def exclusive_lock(out_path: str, holder: str = "merge") -> Iterator[None]:
+    """``flock`` on ``.out.lock`` next to ``out_path``, holding this run's owner record;
+    the file is removed on release. A lock taken on a file another run just removed is
+    retried, so two runs can never both hold one. A second run stops at once, naming the
+    first as ``holder`` (``merge``, ``tuning run``)."""
+    lock_path = os.path.join(os.path.dirname(out_path), f".{os.path.basename(out_path)}.lock")
     while True:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

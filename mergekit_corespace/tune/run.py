@@ -71,8 +71,7 @@ def tune(
         score_as,
     )  # fmt: skip
     os.makedirs(os.path.dirname(plan.out), exist_ok=True)
-    lock = os.path.join(os.path.dirname(plan.out), f".{os.path.basename(plan.out)}.lock")
-    with exclusive_lock(lock, plan.out, holder="tuning run"):  # one points log, one writer
+    with exclusive_lock(plan.out, holder="tuning run"):  # one points log, one writer
         return _tune(plan, fresh, normalise, progress, on_point, merge)
 
 
