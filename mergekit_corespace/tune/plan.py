@@ -36,12 +36,10 @@ class Plan:
     own_adapters: dict[str, str]  # task name -> adapter directory
     base_path: str
     base_revision: str | None
-    tokenizer: Any
     options: Any  # mergekit MergeOptions
     device: str
     dtype: str | None
-    evaluation: dict[str, Any]
-    evaluator: Evaluator  # the tasks already encoded (and checked) with the tokenizer
+    evaluator: Evaluator  # the base's tokenizer; the tasks already encoded and checked
     fingerprint: str
     out: str
     score_as: str  # "model" or "adapter"
@@ -137,11 +135,9 @@ class Plan:
             own_adapters=own,
             base_path=base.path,
             base_revision=base.revision,
-            tokenizer=tokenizer,
             options=options,
             device=device,
             dtype=dtype,
-            evaluation=evaluation,
             evaluator=evaluator,
             fingerprint=fingerprint(recipe, run, tasks, settings),
             out=os.path.abspath(os.fspath(out)),
