@@ -4,27 +4,42 @@ evaluation the tuner and the benchmarks share.
 Metrics (each a mean over the task's examples, higher is better):
 
 - ``choice``: accuracy of the choice with the highest log-likelihood (sum over its tokens);
-- ``exact``: plain greedy generation (stopped at the end-of-sequence token, at most as many
-  tokens as the task's longest answer; the model's own generation config does not apply)
-  equals the answer, case and whitespace normalised;
+- ``exact``: plain greedy generation (the model's own generation config does not apply),
+  stopped at end-of-sequence or a stop string and cut before it, equals the answer, case
+  and whitespace normalised;
 - ``loglik``: mean log-likelihood per token of the reference answer (no generation).
 
 ``auto`` picks ``choice`` for a task whose examples all give choices, else ``loglik``.
-Batches are formed in a fixed order (longest first), so a score depends only on the model,
-the task and the batch size.
+
+Tokens are counted as lm-evaluation-harness's ``HFLM`` counts them, so a score is the one
+lm-eval gives for the same context and continuation: the context's trailing spaces move to
+the continuation, context + continuation are encoded together and split after the
+context's own tokens (a SentencePiece answer is tokenized as the model reads it after the
+prompt, not alone), special tokens are added unless the text starts with the BOS token, an
+empty context is the BOS (else EOS) token, log-probabilities are taken in the logits' dtype,
+and generation stops at ``\n\n`` (lm-eval's default for ``generate_until``) and
+end-of-sequence after at most 256 new tokens. Batches are formed in a fixed order (longest
+first), so a score depends only on the model, the task and the batch size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_STOP,
+    chunks,
+    device_of,
+    generate,
+    normalise,
+)
 from mergekit_corespace.task_files import (
     METRICS,
     TASK_SUFFIX,
@@ -36,7 +51,13 @@ from mergekit_corespace.task_files import (
     read_tasks,
 )
 
+# Raised whenever a change here changes scores: a tuner's points log from before is refused
+CONVENTIONS = 2  # 2: lm-eval's encoding, stop strings, log-softmax in the logits' dtype
+
 __all__ = [  # the task files' names too: one module to import for an evaluation
+    "CONVENTIONS",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "DEFAULT_STOP",
     "METRICS",
     "TASK_SUFFIX",
     "Evaluator",
@@ -51,31 +72,40 @@ __all__ = [  # the task files' names too: one module to import for an evaluation
 ]
 
 
-def normalise(text: str) -> str:
-    """Case and whitespace normalised text, as ``exact`` compares answers."""
-    return " ".join(text.split()).casefold()
-
-
 @dataclass(frozen=True)
 class _Encoded:
-    """A task's examples as token ids: context and, per candidate answer, its ids."""
+    """A task's examples as token ids: the context scored answers follow and, per
+    candidate answer, its ids; the prompt generation starts from."""
 
     contexts: tuple[tuple[int, ...], ...]
     candidates: tuple[tuple[tuple[int, ...], ...], ...]  # per example: the answer or choices
     answers: tuple[int, ...]  # per example: the index of the answer among its candidates
-    longest_answer: int  # tokens
+    prompts: tuple[tuple[int, ...], ...]  # per example: what ``exact`` generates after
 
 
 class Evaluator:
     """Scores models on tasks with one tokenizer; token ids are computed once per task."""
 
-    def __init__(self, tokenizer, batch_size: int = 8, max_new_tokens: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        batch_size: int = 8,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] = DEFAULT_STOP,
+    ):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        self.stop = tuple(stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise CoreSpaceError(f"--stop: every stop string must be non-empty (got {stop!r})")
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None:  # any id: padded positions are masked and never scored
             self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        # an empty context is this one token (lm-eval's prefix_token_id)
+        self.prefix_id = (
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        )
         self._encoded: dict[tuple[str, str], _Encoded] = {}
 
     def score(self, model, task: Task) -> float:
@@ -88,13 +118,15 @@ class Evaluator:
 
     def predictions(self, model, task: Task) -> list[str]:
         """Per example, ``model``'s answer: the choice it rates most likely (``choice``) or
-        its greedy generation (``exact``)."""
+        its greedy generation (``exact``; a generation that can no longer equal the answer
+        is stopped early, so a wrong one may be cut short)."""
         if task.metric == "loglik":
             raise CoreSpaceError(f"{task.path}: metric loglik scores answers, it predicts none")
         encoded = self._encode(task)
         with torch.inference_mode():
             if task.metric == "exact":
-                return self.generate(model, encoded.contexts, encoded.longest_answer)
+                answers = [example.answer for example in task.examples]
+                return self.generate(model, encoded.prompts, answers)
             return self._choices(model, task, encoded)
 
     @staticmethod
@@ -109,73 +141,99 @@ class Evaluator:
         ]
 
     def check_fits(self, tasks: Sequence[Task], positions: int | None, model_path: str) -> None:
-        """Before any work: every prompt is at least one token (the answer's first token is
-        scored from the position before it), and every scored sequence fits ``positions``
-        (the model's ``max_position_embeddings``; None: no limit)."""
+        """Before any work: every scored sequence fits ``positions`` (the model's
+        ``max_position_embeddings``; None: no limit), and ``exact`` has room to generate
+        the answer."""
+        if positions is None:
+            return
         for task in tasks:
             encoded = self._encode(task)
-            budget = self.max_new_tokens or encoded.longest_answer
-            for example, context, candidates in zip(
-                task.examples, encoded.contexts, encoded.candidates, strict=True
-            ):
-                where = f"{task.path}:{example.line}"
-                if not context:
-                    raise CoreSpaceError(
-                        f"{where}: the prompt is no tokens and the tokenizer of {model_path} adds "
-                        "none before it: the answer would follow nothing; write a prompt"
-                    )
-                # generating k tokens runs the model over the context and k - 1 of them; a
-                # one-token choice is read off the context's pass (as _choices scores them)
+            rows = zip(task.examples, encoded.contexts, encoded.candidates, encoded.prompts)
+            for example, context, candidates, prompt in rows:
+                # a one-token choice is read off the context's pass (as _choices scores them);
+                # generating k tokens runs the model over the prompt and k - 1 of them
                 if task.metric == "exact":
-                    extra = budget - 1
+                    needed = len(prompt) + len(candidates[0]) - 1
                 elif task.metric == "choice":
-                    extra = max(0 if len(c) == 1 else len(c) for c in candidates)
+                    needed = len(context) + max(0 if len(c) == 1 else len(c) for c in candidates)
                 else:
-                    extra = max(map(len, candidates))
-                if positions is not None and len(context) + extra > positions:
+                    needed = len(context) + len(candidates[0])
+                if needed > positions:
                     raise CoreSpaceError(
-                        f"{where}: the prompt and answer take {len(context) + extra} positions, "
-                        f"more than the {positions} of {model_path} (max_position_embeddings)"
+                        f"{task.path}:{example.line}: the prompt and answer take {needed} "
+                        f"positions, more than the {positions} of {model_path} "
+                        "(max_position_embeddings)"
                     )
 
     def _encode(self, task: Task) -> _Encoded:
         key = (task.path, task.metric)  # choice encodes every choice, the others the answer
         if key not in self._encoded:
-            contexts, candidates, answers = [], [], []
+            contexts, candidates, answers, prompts = [], [], [], []
             for example in task.examples:
-                contexts.append(self.context_ids(example))
+                text = self.context_text(example)
                 options = example.choices if task.metric == "choice" else (example.answer,)
-                candidates.append(tuple(self.answer_ids(option) for option in options))
+                pairs = [self.encode_pair(text, option) for option in options]
+                contexts.append(pairs[0][0])  # the same for every option
+                candidates.append(tuple(continuation for _, continuation in pairs))
                 answers.append(options.index(example.answer))
+                prompts.append(self.prompt_ids(example))
+                for option, (_, continuation) in zip(options, pairs):
+                    if not continuation:
+                        raise CoreSpaceError(
+                            f"{task.path}:{example.line}: the answer {option!r} adds no "
+                            "tokens after the prompt's"
+                        )
             self._encoded[key] = _Encoded(
                 contexts=tuple(contexts),
                 candidates=tuple(candidates),
                 answers=tuple(answers),
-                longest_answer=max(
-                    len(self.answer_ids(example.answer)) for example in task.examples
-                ),
+                prompts=tuple(prompts),
             )
         return self._encoded[key]
 
-    def context_ids(self, example: Example) -> tuple[int, ...]:
-        """The token ids the answer follows: the prompt with the tokenizer's special tokens,
-        or the chat so far rendered by the chat template with the assistant's turn opened."""
+    def context_text(self, example: Example) -> str:
+        """The text the answer follows: the prompt, or the chat so far rendered by the
+        tokenizer's chat template with the assistant's turn opened."""
         if example.messages is not None:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 list(example.messages), tokenize=False, add_generation_prompt=True
             )
-            return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return tuple(self.tokenizer(example.prompt)["input_ids"])
+        return example.prompt
 
-    def answer_ids(self, answer: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    def prompt_ids(self, example: Example) -> tuple[int, ...]:
+        """The token ids ``exact`` generates after: the context text as it is."""
+        text = self.context_text(example)
+        return self.encode(text) if text else (self.prefix_id,)
+
+    def encode(self, text: str, special: bool | None = None) -> tuple[int, ...]:
+        """``text``'s token ids with the tokenizer's special tokens, unless ``text`` already
+        starts with the BOS token (a rendered chat template; lm-eval's ``tok_encode``)."""
+        if special is None:
+            bos = self.tokenizer.decode(self.prefix_id) if self.prefix_id is not None else None
+            special = not (bos and text.startswith(bos))
+        return tuple(self.tokenizer.encode(text, add_special_tokens=special))
+
+    def encode_pair(self, context: str, continuation: str):
+        """``(context ids, continuation ids)`` as lm-eval's ``_encode_pair``: trailing
+        spaces move to the continuation, and the continuation's ids are those that follow
+        the context's in the ids of the whole text."""
+        if not context:
+            ids = self.encode(continuation, special=False)
+            if ids and ids[0] == self.prefix_id:
+                return ids[:1], ids[1:]
+            return (self.prefix_id,), ids
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole, context_ids = self.encode(context + continuation), self.encode(context)
+        return context_ids, whole[len(context_ids) :]
 
     def _sequence_logliks(self, model, pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]):
         """Per (context, continuation): the continuation's token log-likelihoods summed, and
         its length. Right-padded batches, longest first, so no position depends on padding."""
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         sums, lengths = [0.0] * len(pairs), [len(c) for _, c in pairs]
-        for batch in _chunks(order, self.batch_size):
+        for batch in chunks(order, self.batch_size):
             # position p predicts token p + 1
             scored_at = [
                 range(len(pairs[i][0]) - 1, len(pairs[i][0]) - 1 + len(pairs[i][1])) for i in batch
@@ -184,21 +242,25 @@ class Evaluator:
                 model, [pairs[i][0] + pairs[i][1] for i in batch], scored_at
             )
             for row, i in enumerate(batch):
-                scored = logits[row, [column[p] for p in scored_at[row]]].float()
+                # in the logits' dtype, as lm-eval (softmax_dtype None) takes them
+                scored = logits[row, [column[p] for p in scored_at[row]]]
                 targets = torch.tensor(pairs[i][1], device=scored.device)
                 logprobs = torch.log_softmax(scored, dim=-1)
                 sums[i] = float(logprobs.gather(1, targets[:, None]).sum())
         return sums, lengths
 
-    def _pairs(self, encoded: _Encoded):
-        return [
-            (context, candidate)
-            for context, candidates in zip(encoded.contexts, encoded.candidates)
-            for candidate in candidates
-        ]
+    def loglikelihoods(self, model, task: Task) -> list[list[float]]:
+        """Per example, per candidate (the choices, else the answer): the summed
+        log-likelihood of its tokens after the context (lm-eval's ``loglikelihood``)."""
+        encoded = self._encode(task)
+        pairs = [(c, a) for c, cands in zip(encoded.contexts, encoded.candidates) for a in cands]
+        with torch.inference_mode():
+            sums = iter(self._sequence_logliks(model, pairs)[0])
+        return [[next(sums) for _ in candidates] for candidates in encoded.candidates]
 
     def _loglik(self, model, encoded: _Encoded) -> float:
-        sums, lengths = self._sequence_logliks(model, self._pairs(encoded))
+        pairs = [(c, cands[0]) for c, cands in zip(encoded.contexts, encoded.candidates)]
+        sums, lengths = self._sequence_logliks(model, pairs)
         return sum(s / n for s, n in zip(sums, lengths)) / len(sums)
 
     def _choices(self, model, task: Task, encoded: _Encoded) -> list[str]:
@@ -239,11 +301,11 @@ class Evaluator:
         """Per context, the log-probabilities of the given next tokens."""
         order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
         results: list[list[float]] = [[] for _ in contexts]
-        for batch in _chunks(order, self.batch_size):
+        for batch in chunks(order, self.batch_size):
             last = [len(contexts[i]) - 1 for i in batch]
             logits, column = self._logits(model, [contexts[i] for i in batch], [[p] for p in last])
             for row, i in enumerate(batch):
-                logprobs = torch.log_softmax(logits[row, column[last[row]]].float(), dim=-1)
+                logprobs = torch.log_softmax(logits[row, column[last[row]]], dim=-1)
                 results[i] = logprobs[torch.tensor(tokens[i], device=logprobs.device)].tolist()
         return results
 
@@ -252,7 +314,7 @@ class Evaluator:
         (one collection per sequence) and each position's column in them. Only those positions
         go through the output layer: at a 49 k vocabulary it is a fifth of a small LLM's work."""
         ids, mask = self._right_padded(sequences)
-        device = _device_of(model)
+        device = device_of(model)
         kept = sorted({p for row in positions for p in row})
         if _keeps_logits(model):
             keep = {"logits_to_keep": torch.tensor(kept, device=device)}
@@ -270,42 +332,21 @@ class Evaluator:
             mask[row, : len(sequence)] = 1
         return ids, mask
 
-    def generate(self, model, contexts: Sequence[Sequence[int]], budget: int) -> list[str]:
-        """Greedy continuations of ``contexts`` (left-padded batches, longest first), at
-        most ``max_new_tokens`` (default ``budget``) tokens, cut at end-of-sequence."""
-        from transformers import GenerationConfig
-
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        config = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=self.max_new_tokens or budget,
-            eos_token_id=sorted(eos) or None,
-            pad_token_id=self.pad_id,
+    def generate(
+        self, model, prompts: Sequence[Sequence[int]], answers: Sequence[str] | None = None
+    ) -> list[str]:
+        """Greedy continuations of ``prompts`` (:func:`~mergekit_corespace.generation.generate`)
+        with this evaluator's tokenizer, batch size, token budget and stop strings."""
+        return generate(
+            model,
+            prompts,
+            self.tokenizer,
+            pad_id=self.pad_id,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            stop=self.stop,
+            answers=answers,
         )
-        device = _device_of(model)
-        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-        outputs: list[str] = [""] * len(contexts)
-        with _plain_greedy(model):  # the model's generation_config.json does not apply
-            for batch in _chunks(order, self.batch_size):
-                width = max(len(contexts[i]) for i in batch)
-                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device="cpu")
-                mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
-                for row, i in enumerate(batch):
-                    ids[row, width - len(contexts[i]) :] = torch.tensor(contexts[i], device="cpu")
-                    mask[row, width - len(contexts[i]) :] = 1
-                generated = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    generation_config=config,
-                )
-                for row, i in enumerate(batch):
-                    tokens = generated[row, width:].tolist()
-                    cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
-                    outputs[i] = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
-        return outputs
 
 
 def normalised_score(metric: str, score: float, reference: float) -> float:
@@ -316,33 +357,7 @@ def normalised_score(metric: str, score: float, reference: float) -> float:
     return score / reference if reference else math.nan
 
 
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _keeps_logits(model) -> bool:
     """Whether the model (or the model under a PEFT wrapper) takes ``logits_to_keep``."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
-@contextlib.contextmanager
-def _plain_greedy(model) -> Iterator[None]:
-    """Plain greedy decoding whatever the model ships: transformers fills every field a
-    ``GenerationConfig`` leaves at its default from the model's own generation config
-    (a shipped ``repetition_penalty`` or ``no_repeat_ngram_size`` would change the answer),
-    so the model's config is a default one for the call."""
-    from transformers import GenerationConfig
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shipped = inner.generation_config
-    inner.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        inner.generation_config = shipped
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device

@@ -3,8 +3,9 @@ work, each problem one line naming ``file:line``.
 
 A task is a JSON Lines file, one example a line, in the formats fine-tuning tools use:
 
-- ``{"prompt": "...", "answer": "..."}`` — the prompt and the answer are tokenized apart
-  and concatenated (write the separating space where your training data has it);
+- ``{"prompt": "...", "answer": "..."}`` — the answer follows the prompt directly (write
+  the separating space where your training data has it; the two are encoded together, as
+  lm-evaluation-harness encodes them);
 - ``{"messages": [{"role": ..., "content": ...}, ...]}`` — a chat; the last turn, which must
   be the assistant's, is the answer, and the turns before it are rendered with the
   tokenizer's own chat template (``add_generation_prompt=True``);

@@ -1,5 +1,7 @@
 """The evaluation's ``exact`` metric decodes greedily, whatever the model's own generation
-config ships: the oracle is a plain argmax loop that recomputes the whole sequence."""
+config ships (the oracle: a plain argmax loop that recomputes the whole sequence), and its
+early stop never changes a hit; sequences are checked against the model's positions.
+Agreement with lm-evaluation-harness: ``test_lm_eval_agreement.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from mergekit_corespace import toy
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.evaluate import Evaluator, read_task
+from mergekit_corespace.evaluate import Evaluator, normalise, read_task
 
 BUDGET = 12
 
@@ -39,11 +41,6 @@ def test_exact_is_plain_greedy_whatever_the_generation_config_ships(tmp_path, wr
         adapter = toy.save_lora_adapter(base, str(tmp_path / "a"), r=4, lora_alpha=8, seed=1)
         model = PeftModel.from_pretrained(model, adapter).eval()
     prompts = ["abcab", "hello", "zz"]
-    task_file = tmp_path / "t.jsonl"
-    task_file.write_text(
-        "".join(json.dumps({"prompt": p, "answer": "x" * BUDGET}) + "\n" for p in prompts)
-    )
-    task = read_task(str(task_file), "exact")
     inner = model.get_base_model() if wrapped else model
     shipped = inner.generation_config
     shipped.repetition_penalty, shipped.no_repeat_ngram_size = 10.0, 1  # as a Hub model may
@@ -53,9 +50,10 @@ def test_exact_is_plain_greedy_whatever_the_generation_config_ships(tmp_path, wr
         ids = tokenizer(prompt)["input_ids"]
         tokens = _argmax_decode(model, ids, BUDGET, tokenizer.eos_token_id)
         repeats |= len(set(tokens)) < len(tokens)
-        expected.append(tokenizer.decode(tokens, skip_special_tokens=True))
+        expected.append(tokenizer.decode(tokens, skip_special_tokens=True).split("\n\n")[0])
     assert repeats  # the shipped settings would change these answers
-    assert Evaluator(tokenizer, batch_size=2).predictions(model, task) == expected
+    evaluator = Evaluator(tokenizer, batch_size=2, max_new_tokens=BUDGET)
+    assert evaluator.generate(model, [tokenizer(p)["input_ids"] for p in prompts]) == expected
     assert inner.generation_config is shipped  # given back after the call
     assert shipped.repetition_penalty == 10.0
 
@@ -66,20 +64,37 @@ def _task(tmp_path, records, metric):
     return read_task(str(path), metric)
 
 
-def test_a_prompt_of_no_tokens_is_refused_naming_its_line(tmp_path):
-    from tokenizers import processors
+def test_stopping_a_generation_that_can_no_longer_be_the_answer_changes_no_hit(tmp_path):
     from transformers import AutoTokenizer
 
-    base = toy.save_tiny_tokenizer(str(tmp_path))
+    base = toy.save_tiny_model(str(tmp_path / "base"), "llama", max_position_embeddings=128)
+    toy.save_tiny_tokenizer(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    evaluator = Evaluator(tokenizer)
-    records = [{"prompt": "ab", "answer": "c"}, {"prompt": "", "answer": "c"}]
-    evaluator.check_fits([_task(tmp_path, records, "loglik")], 64, "base")  # <s> comes first
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A", pair="$A $B"
-    )  # a tokenizer that adds no BOS token, as many BPE ones
-    with pytest.raises(CoreSpaceError, match=r"t\.jsonl:2: the prompt is no tokens and the tok"):
-        Evaluator(tokenizer).check_fits([_task(tmp_path, records, "loglik")], 64, "base")
+    model = toy.load_model(base).eval()
+    prompts = ["abcab", "hello", "zz", "The answer is", "q"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    raw = Evaluator(tokenizer, batch_size=2, max_new_tokens=BUDGET).generate(model, ids)
+    # two-character stop strings from the middle of the texts: each is cut by one, which
+    # shows only a token later than the text that still equals the answer
+    stop = tuple(dict.fromkeys(text[len(text) // 2 :][:2] for text in raw))
+    evaluator = Evaluator(tokenizer, batch_size=2, max_new_tokens=BUDGET, stop=stop)
+    free = evaluator.generate(model, ids)
+    assert all(3 < len(f) < len(r) for f, r in zip(free, raw))
+    variants = {
+        "itself": lambda t: t,
+        "re-cased and re-spaced": lambda t: "  " + t.upper().replace(t[1], t[1] + " ", 1),
+        "one character short": lambda t: t[:-1],
+        "one character long": lambda t: t + "a",
+        "first three characters": lambda t: t[:3],
+    }
+    for name, variant in variants.items():
+        answers = [variant(text) for text in free]
+        records = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+        task = _task(tmp_path, records, "exact")
+        expected = [int(normalise(f) == normalise(a)) for f, a in zip(free, answers)]
+        assert Evaluator.hits(task, evaluator.predictions(model, task)) == expected, name
+        if name == "itself":
+            assert expected == [1] * len(prompts)
 
 
 @pytest.mark.parametrize(

@@ -61,9 +61,9 @@ class Scorer:
         out = {}
         for name, task in self.tasks.items():
             if only is None or name == only:
-                context = self.sampler.context_ids(task.examples[0])
+                prompt = self.sampler.prompt_ids(task.examples[0])
                 with torch.inference_mode():
-                    out[name] = self.sampler.generate(model, [context], SAMPLE_TOKENS)[0]
+                    out[name] = self.sampler.generate(model, [prompt])[0]
         return out
 
 
