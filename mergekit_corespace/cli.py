@@ -125,7 +125,21 @@ def lora_main() -> None:
 @click.option(
     "--max-new-tokens",
     type=click.IntRange(min=1),
-    help="exact: tokens to generate [default: the task's longest answer]",
+    help="exact: at most this many new tokens [default: 256, as lm-eval's generate_until]",
+)
+@click.option(
+    "--stop",
+    multiple=True,
+    metavar="TEXT",
+    help="exact: cut the generation before TEXT (escapes such as \\n read as in Python); "
+    "repeatable [default: \\n\\n, as lm-eval's generate_until]",
+)
+@click.option(
+    "--task-adapter",
+    multiple=True,
+    metavar="TASK=ADAPTER",
+    help="the task's own adapter (as the recipe names it, its path, or its directory name) "
+    "where names do not match; repeatable [default: the adapter named TASK]",
 )
 @click.option("--random-seed", type=int, help="as mergekit's --random-seed (DARE masks)")
 @click.option("--fresh", is_flag=True, help="discard the points a previous run in OUT scored")
@@ -157,6 +171,8 @@ def tune_command(
         normalise=normalise,
         batch_size=settings["batch_size"],
         max_new_tokens=settings["max_new_tokens"],
+        stop=[_unescape(text) for text in settings["stop"]] or None,
+        task_adapter=_pairs("--task-adapter", settings["task_adapter"]),
         random_seed=settings["random_seed"],
         fresh=settings["fresh"],
         progress=not settings["quiet"],
@@ -167,6 +183,31 @@ def tune_command(
     )
     if result.merged:
         click.echo(f"winning merge ({merge}): {result.merged}")
+
+
+def _pairs(option: str, specs) -> dict[str, str]:
+    """``NAME=VALUE`` arguments as a mapping; a name given twice or no ``=`` is an error."""
+    from mergekit_corespace.errors import CoreSpaceError
+
+    pairs = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not (sep and name and value):
+            raise CoreSpaceError(f"{option} {spec}: expected NAME=VALUE")
+        if name in pairs:
+            raise CoreSpaceError(f"{option} {spec}: {name} given twice")
+        pairs[name] = value
+    return pairs
+
+
+def _unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and other Python escapes as the characters they stand for."""
+    from mergekit_corespace.errors import CoreSpaceError
+
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as error:
+        raise CoreSpaceError(f"--stop {text}: {error.reason}") from None
 
 
 def tune_main() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -54,17 +54,25 @@ def adapter_tensors(
     return tensors
 
 
-def target_modules_of(inputs: Sequence, modules: Sequence[str]) -> list[str]:
-    """The union of the input adapters' ``target_modules`` (those that name a module of
-    the output) when all are lists of names; otherwise the output modules' own names."""
-    leaves = {module.rsplit(".", 1)[-1] for module in modules}
+def target_modules_of(
+    inputs: Sequence, modules: Sequence[str], base_modules: Collection[str] | None = None
+) -> list[str]:
+    """PEFT ``target_modules`` that make LoRA layers for exactly ``modules``: the input
+    adapters' own target names (the union of their lists) when, among the base model's
+    modules, they name exactly these; otherwise the modules' full names (an input trained
+    on some layers only, ``layers_to_transform``, or a module whose merge is zero)."""
     targets = [getattr(config, "target_modules", None) for config in inputs]
-    if targets and all(isinstance(t, (list, set, tuple)) for t in targets):
+    if (
+        base_modules is not None
+        and targets
+        and all(isinstance(t, (list, set, tuple)) for t in targets)
+    ):
         union = set().union(*targets)
         used = {t for t in union if any(m == t or m.endswith("." + t) for m in modules)}
-        if used:
+        named = {m for m in base_modules if any(m == t or m.endswith("." + t) for t in used)}
+        if used and named == set(modules):
             return sorted(used)
-    return sorted(leaves)
+    return sorted(modules)
 
 
 @dataclass
@@ -91,11 +99,14 @@ def lora_export(
     layouts: Mapping[str, Layout] | None = None,
     saved: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    base_modules: Collection[str] | None = None,
 ) -> LoraExport:
     """The merged adapter's config and tensors.
 
     ``modules``: module path -> its low-rank delta; ``layouts``: module path -> layout
-    (default linear); ``saved``: weight name -> a whole weight to save (modules_to_save).
+    (default linear); ``saved``: weight name -> a whole weight to save (modules_to_save);
+    ``base_modules``: the base model's module names (default unknown: target modules are
+    written as full names).
     """
     from peft import LoraConfig
 
@@ -114,7 +125,7 @@ def lora_export(
         lora_alpha=rank,
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
-        target_modules=target_modules_of(inputs, list(modules)) if modules else [],
+        target_modules=target_modules_of(inputs, list(modules), base_modules) if modules else [],
         fan_in_fan_out=any(layouts.get(m) == "conv1d" for m in modules),
         modules_to_save=sorted({name.rsplit(".", 1)[0] for name in saved}) or None,
         base_model_name_or_path=base_model_name_or_path,

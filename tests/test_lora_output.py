@@ -97,6 +97,36 @@ def test_adapter_loads_in_peft_and_gives_the_merged_models_logits(llama32, tmp_p
         assert torch.allclose(peft_model(tokens).logits, merged(tokens).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [None, [0]], ids=["every layer", "layers_to_transform"])
+def test_the_written_target_modules_make_lora_layers_for_exactly_the_merged_modules(
+    tmp_path, layers
+):
+    from peft import PeftConfig, PeftModel
+
+    base = toy.save_tiny_model(str(tmp_path / "base"), "llama")
+    options = {} if layers is None else dict(layers_to_transform=layers, layers_pattern="layers")
+    adapters = [
+        toy.save_lora_adapter(
+            base, str(tmp_path / f"a{i}"), r=4, seed=i, target_modules=["q_proj", "v_proj"],
+            **options,
+        )
+        for i in (1, 2)
+    ]  # fmt: skip
+    path = merge_adapters(base, adapters, method="ties", out=str(tmp_path / "lora"))
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as handle:
+        merged = {key.split(".lora_")[0].removeprefix("base_model.model.") for key in handle.keys()}
+    model = PeftModel.from_pretrained(toy.load_model(base), path)
+    made = {
+        name.removeprefix("base_model.model.")
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+    assert made == merged and len(merged) == 2 * (2 if layers is None else 1)
+    targets = PeftConfig.from_pretrained(path).target_modules
+    if layers is None:  # the inputs' own short names where they name exactly these
+        assert sorted(targets) == ["q_proj", "v_proj"]
+
+
 def test_mergekits_own_lora_syntax_reads_the_merged_adapter(llama32, tmp_path):
     root, base, adapters = llama32
     path = merge_adapters(base, adapters[:2], method="ta", out=str(tmp_path / "lora"))

@@ -146,6 +146,7 @@ def exact_run(setup):
         metric="exact",
         out=out,
         merge="adapter",
+        max_new_tokens=ANSWER_TOKENS,  # the toy model never stops: the answers are cut there
         progress=False,
     )
     return result
@@ -170,7 +171,8 @@ def test_scores_equal_an_unbatched_oracle(setup):
 
     tokenizer = AutoTokenizer.from_pretrained(setup["base"])
     model = _both_adapters(setup["base"], setup["adapters"])
-    evaluator = Evaluator(tokenizer, batch_size=3)  # several batches, padding in each
+    # several batches, padding in each; generation cut where the answers were
+    evaluator = Evaluator(tokenizer, batch_size=3, max_new_tokens=ANSWER_TOKENS)
     for name in ("a", "b"):
         path = os.path.join(setup["data"], f"{name}.jsonl")
         records = [json.loads(line) for line in open(path, encoding="utf-8")]
@@ -288,7 +290,9 @@ def test_written_adapter_is_the_one_the_tuner_scored(setup, exact_run):
     assert written.keys() == in_memory.keys()
     assert all(torch.equal(written[k], in_memory[k]) for k in written)
     model = PeftModel.from_pretrained(toy.load_model(setup["base"]), exact_run.merged).eval()
-    evaluator = Evaluator(AutoTokenizer.from_pretrained(setup["base"]))
+    evaluator = Evaluator(
+        AutoTokenizer.from_pretrained(setup["base"]), max_new_tokens=ANSWER_TOKENS
+    )
     for task in read_tasks(setup["data"], {"*": "exact"}):
         assert evaluator.score(model, task) == exact_run.best.scores[task.name]
 
@@ -777,3 +781,30 @@ def test_score_as_is_model_or_adapter(setup, tmp_path):
     with pytest.raises(CoreSpaceError, match="--score-as weights: expected model or adapter"):
         tune(setup["recipe"], setup["data"], out=tmp_path, score_as="weights", progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_task_adapter_maps_a_task_to_its_own_adapter_by_path_or_name(setup, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapters = setup["adapters"]
+    swapped = {"a": adapters["b"], "b": "a"}  # by path, and by directory name
+    result = tune(
+        setup["recipe"], setup["data"], ["lambda=1"], metric="loglik", out=tmp_path / "out",
+        task_adapter=swapped, progress=False,
+    )  # fmt: skip
+    evaluator = Evaluator(AutoTokenizer.from_pretrained(setup["base"]))
+    for task, adapter in (("a", adapters["b"]), ("b", adapters["a"])):
+        model = PeftModel.from_pretrained(toy.load_model(setup["base"]), adapter).eval()
+        path = os.path.join(setup["data"], f"{task}.jsonl")
+        assert result.references[task] == evaluator.score(model, read_task(path, "loglik"))
+    for mapping, message in (
+        ({"c": "a"}, r"^--task-adapter c=a: no task file c\.jsonl in the data$"),
+        ({"a": "nowhere"}, r"^--task-adapter a=nowhere: not an adapter of the recipe; it has "),
+    ):
+        with pytest.raises(CoreSpaceError, match=message):
+            tune(
+                setup["recipe"], setup["data"], ["lambda=1"], out=tmp_path / "bad",
+                task_adapter=mapping, progress=False,
+            )  # fmt: skip
+        assert not (tmp_path / "bad").exists()

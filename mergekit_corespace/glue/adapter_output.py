@@ -125,6 +125,7 @@ class FactoredMerge:
             layouts=self.layouts,
             saved=self.saved,
             dtype=self.dtype,
+            base_modules={name.rsplit(".", 1)[0] for name in self.run.checkpoint.stored},
         )
         report = AdapterReport(
             path=None,

@@ -219,6 +219,7 @@ class BaseCheckpoint:
 
     reference: ModelReference
     config: Any
+    directory: str  # local: the path itself, or the Hub snapshot mergekit resolved
     names: dict[str, tuple[str, ...]]
     stored: frozenset[str]  # every tensor name the checkpoint stores
     stored_names: dict[str, str]  # canonical name -> the name it is stored under
@@ -284,6 +285,7 @@ class BaseCheckpoint:
         return cls(
             reference=base_model,
             config=base_config,
+            directory=index.base_path,
             names=names,
             stored=stored,
             stored_names=stored_names,

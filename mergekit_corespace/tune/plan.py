@@ -12,7 +12,13 @@ from typing import Any
 import yaml
 
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.evaluate import Evaluator, Task, check_tokenizer
+from mergekit_corespace.evaluate import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_STOP,
+    Evaluator,
+    Task,
+    check_tokenizer,
+)
 from mergekit_corespace.tune.grid import (
     SPACES,
     check_every_value_is_read,
@@ -47,7 +53,7 @@ class Plan:
     @classmethod
     def prepare(
         cls, config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, seed,
-        score_as=None,
+        score_as=None, stop=None, task_adapter=None,
     ) -> Plan:  # fmt: skip
         from mergekit.config import MergeConfiguration
         from mergekit.options import MergeOptions
@@ -105,7 +111,7 @@ class Plan:
             if run is None:
                 run = validate_run(merge_config, options)  # adapters and base, headers only
         base = run.base_model.model
-        own = own_adapters(tasks, run)
+        own = own_adapters(tasks, run, task_adapter)
         try:
             tokenizer = AutoTokenizer.from_pretrained(base.path, revision=base.revision)
         except Exception as error:
@@ -113,15 +119,19 @@ class Plan:
                 f"base_model: {base.path}: no tokenizer to evaluate with ({first_lines(error)})"
             ) from None
         check_tokenizer(tasks, tokenizer, base.path)
-        dtype = configs[0].dtype
-        evaluation = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        dtype = scored_dtype(configs[0], run.checkpoint)
+        evaluation = dict(
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+            stop=list(DEFAULT_STOP if stop is None else stop),
+        )
         evaluator = Evaluator(tokenizer, **evaluation)
         base_config = run.checkpoint.config
         positions = getattr(base_config, "max_position_embeddings", None) or getattr(
             base_config, "n_positions", None
         )
         evaluator.check_fits(tasks, positions, base.path)
-        settings = dict(evaluation, device=device, dtype=dtype, seed=seed)
+        settings = dict(evaluation, device=device, dtype=dtype, seed=seed, own=own)
         if score_as == "model":  # logs scored as adapters, before this choice, stay valid
             settings["scored_as"] = score_as
         if out is None:
@@ -148,23 +158,61 @@ class Plan:
         return self.configs[self.points.index(dict(point))]
 
 
-def own_adapters(tasks: Sequence[Task], run) -> dict[str, str]:
-    """Each task's own adapter directory: the adapter whose directory (or Hub repository)
-    has the task's name. Two adapters of one name make the task ambiguous: an error."""
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def scored_dtype(merge_config, checkpoint) -> str | None:
+    """The dtype of the weights the user gets, which points are scored in: ``out_dtype``
+    (what mergekit-yaml writes), else ``dtype``, else the base's stored floating dtype (the
+    most common; mergekit keeps it), else None (config.json's)."""
+    if merge_config.out_dtype or merge_config.dtype:
+        return merge_config.out_dtype or merge_config.dtype
+    stored = [_SAFETENSORS_DTYPES[kind] for kind in checkpoint.dtypes.values() if kind in
+              _SAFETENSORS_DTYPES]  # fmt: skip
+    return max(sorted(set(stored)), key=stored.count) if stored else None
+
+
+def own_adapters(
+    tasks: Sequence[Task], run, task_adapter: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Each task's own adapter directory: the one ``task_adapter`` maps it to (by the
+    reference written in the recipe, its path, or its directory name), else the adapter
+    whose directory (or Hub repository) has the task's name. A name two adapters share is
+    ambiguous: an error."""
     from mergekit_corespace.hub import adapter_directory
 
-    adapters = {}
+    by_name, by_reference = {}, {}
     for model in run.adapters:
-        name = os.path.basename(os.path.normpath(model.lora.path))
-        directory = adapter_directory(model.lora.path, model.lora.revision)
-        adapters.setdefault(name, []).append(directory)
+        reference = model.lora.path
+        directory = adapter_directory(reference, model.lora.revision)
+        name = os.path.basename(os.path.normpath(reference))
+        by_name.setdefault(name, []).append(directory)
+        for key in {reference, os.path.normpath(reference), os.path.abspath(reference)}:
+            by_reference[key] = directory
+    names = {task.name: task for task in tasks}
+    mapping = dict(task_adapter or {})
+    for task_name, adapter in mapping.items():
+        where = f"--task-adapter {task_name}={adapter}"
+        if task_name not in names:
+            raise CoreSpaceError(f"{where}: no task file {task_name}.jsonl in the data")
+        known = adapter in by_reference or os.path.abspath(adapter) in by_reference
+        if not known and len(by_name.get(adapter, [])) != 1:
+            listed = ", ".join(model.lora.path for model in run.adapters)
+            shared = " (a name several adapters share)" if by_name.get(adapter) else ""
+            raise CoreSpaceError(f"{where}: not an adapter of the recipe{shared}; it has {listed}")
     own = {}
     for task in tasks:
-        found = adapters.get(task.name, [])
+        if task.name in mapping:
+            adapter = mapping[task.name]
+            own[task.name] = by_reference.get(adapter) or by_reference.get(
+                os.path.abspath(adapter), by_name.get(adapter, [None])[0]
+            )
+            continue
+        found = by_name.get(task.name, [])
         if len(found) > 1:
             raise CoreSpaceError(
                 f"{task.path}: {len(found)} adapters are named {task.name} "
-                f"({', '.join(found)}); rename one so the task has one own adapter"
+                f"({', '.join(found)}); rename one, or map it with --task-adapter"
             )
         if found:
             own[task.name] = found[0]

@@ -84,26 +84,33 @@ class PointsLog:
 
 
 def fingerprint(recipe, run, tasks: Sequence[Task], settings: Mapping[str, Any]) -> str:
-    """What decides the scores: the recipe, the adapters' files, the base model's config and
-    weight file sizes (not their contents: too large to hash per run), the task files,
-    their metrics and the evaluation settings."""
+    """What decides the scores: this package's version and evaluation conventions, the
+    recipe, the adapters' files, the base model's files (local or the Hub snapshot:
+    config, tokenizer, chat template, generation config; the weight files by size, too
+    large to hash per run), the task files, their metrics and the evaluation settings."""
+    from importlib.metadata import version
+
+    from mergekit_corespace.evaluate import CONVENTIONS
+
     digest = hashlib.sha256()
 
     def add(value: Any) -> None:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
 
     add({"format": FORMAT, "recipe": recipe, "settings": dict(settings)})
+    add({"version": version("mergekit-corespace"), "evaluation": CONVENTIONS})
     for adapter in run.adapters.values():
         for path in (os.path.join(adapter.path, "adapter_config.json"), adapter.weights_file):
             add(file_digest(path))
-    base = run.checkpoint.reference.model.path
-    if os.path.isdir(base):
-        for name in sorted(os.listdir(base)):
-            full = os.path.join(base, name)
-            if name == "config.json":
-                add(file_digest(full))
-            elif os.path.isfile(full) and name.endswith((".safetensors", ".bin")):
-                add([name, os.path.getsize(full)])
+    base = run.checkpoint.directory
+    for name in sorted(os.listdir(base)):
+        full = os.path.join(base, name)
+        if not os.path.isfile(full):
+            continue
+        if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")):
+            add([name, os.path.getsize(full)])
+        elif not name.startswith("."):
+            add([name, file_digest(full)])
     for task in tasks:
         add([task.name, task.metric, file_digest(task.path)])
     return digest.hexdigest()[:16]

@@ -32,6 +32,8 @@ def tune(
     normalise: bool = True,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    stop: Sequence[str] | None = None,
+    task_adapter: Mapping[str, str] | None = None,
     random_seed: int | None = None,
     fresh: bool = False,
     progress: bool = True,
@@ -55,8 +57,13 @@ def tune(
         device: ``cpu`` or ``cuda``: where the model runs and the merges are computed.
         merge: ``model`` or ``adapter``: also write the winning merge.
         normalise: score each task's own adapter alone as the task's reference.
-        batch_size, max_new_tokens: evaluation settings (``exact`` generates at most as
-            many tokens as the task's longest answer unless ``max_new_tokens`` is given).
+        batch_size, max_new_tokens, stop: evaluation settings: ``exact`` generates at
+            most ``max_new_tokens`` tokens (default 256) and cuts the text before the first
+            stop string (default ``["\\n\\n"]``) or end-of-sequence, as lm-eval's
+            ``generate_until`` does.
+        task_adapter: ``{task: adapter}``: a task's own adapter (its reference in the
+            recipe, its path or its directory name) where names do not match, e.g.
+            adapters all saved as ``checkpoint-500``.
         random_seed: mergekit's ``--random-seed`` (DARE masks).
         fresh: discard the points a previous run in ``out`` scored.
         progress: show a progress bar over the grid points.
@@ -68,7 +75,7 @@ def tune(
     """
     plan = Plan.prepare(
         config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, random_seed,
-        score_as,
+        score_as, stop, task_adapter,
     )  # fmt: skip
     os.makedirs(os.path.dirname(plan.out), exist_ok=True)
     with exclusive_lock(plan.out, holder="tuning run"):  # one points log, one writer

@@ -56,28 +56,20 @@ class Session:
         self.model.eval()
 
     def _apply(self, export) -> None:
-        import torch
         from peft import PeftModel, set_peft_model_state_dict
 
-        # As PEFT loads a saved adapter onto a half-precision base (autocast_adapter_dtype):
-        # LoRA weights in float32. Created empty and assigned, not initialised first.
-        tensors = {
-            name: tensor.to(
-                self.plan.device, torch.float32 if tensor.dtype.itemsize < 4 else tensor.dtype
-            )
-            for name, tensor in export.tensors.items()
-        }
+        # As PeftModel.from_pretrained loads the written adapter: LoRA layers made, then
+        # upcast to float32 on a half-precision base (autocast_adapter_dtype), then the
+        # tensors copied in (a weight saved whole: into its copy in the base's dtype).
+        # Assigning them instead (low_cpu_mem_usage) would keep LoRA in the base's dtype.
+        tensors = {name: tensor.to(self.plan.device) for name, tensor in export.tensors.items()}
 
         def add(model, name):
             if model is None:
-                self.model = PeftModel(
-                    self._base_model(), export.config, adapter_name=name, low_cpu_mem_usage=True
-                )
+                self.model = PeftModel(self._base_model(), export.config, adapter_name=name)
             else:
-                model.add_adapter(name, export.config, low_cpu_mem_usage=True)
-            set_peft_model_state_dict(
-                self.model, tensors, adapter_name=name, low_cpu_mem_usage=True
-            )
+                model.add_adapter(name, export.config)
+            set_peft_model_state_dict(self.model, tensors, adapter_name=name)
 
         self._swap(add)
 
