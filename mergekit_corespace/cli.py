@@ -78,111 +78,139 @@ def lora_main() -> None:
     _lora_command()(prog_name="mergekit-corespace-lora")
 
 
-@click.command("mergekit-corespace-tune")
-@click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="directory of task files, one NAME.jsonl per task (NAME: its adapter's name)",
-)
-@click.option(
-    "--grid",
-    multiple=True,
-    metavar="NAME=V1,V2 ...",
-    help="values of top-level parameters (and merge_method) to try, e.g. "
-    "'lambda=0.5,1,2 merge=ta,ties density=0.3,0.7'; repeatable "
-    "[default: lambda=0.25,0.5,0.75,1,1.5]",
-)
-@click.option(
-    "--metric",
-    multiple=True,
-    metavar="[TASK=]METRIC",
-    help="auto | choice | exact | loglik, for every task or for one; repeatable [default: auto: "
-    "choice where examples give choices, else loglik]",
-)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), help="[default: CONFIG-tune]")
-@click.option(
-    "--merge",
-    type=click.Choice(["model", "adapter"]),
-    help="also write the winning merge to OUT/merged, as a model or as an adapter",
-)
-@click.option(
-    "--score-as",
-    type=click.Choice(["model", "adapter"]),
-    help="score each point as the merged model mergekit-yaml writes (as fast as the base) or "
-    "as the merged adapter mergekit-corespace-lora writes, on the base with PEFT "
-    "[default: adapter with --merge adapter, else model]",
-)
-@click.option(
-    "--normalise/--no-normalise",
-    default=True,
-    show_default=True,
-    help="score each task's own adapter alone, and divide by it",
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option(
-    "--max-new-tokens",
-    type=click.IntRange(min=1),
-    help="exact: at most this many new tokens [default: 256, as lm-eval's generate_until]",
-)
-@click.option(
-    "--stop",
-    multiple=True,
-    metavar="TEXT",
-    help="exact: cut the generation before TEXT (escapes such as \\n read as in Python); "
-    "repeatable [default: \\n\\n, as lm-eval's generate_until]",
-)
-@click.option(
-    "--task-adapter",
-    multiple=True,
-    metavar="TASK=ADAPTER",
-    help="the task's own adapter (as the recipe names it, its path, or its directory name) "
-    "where names do not match; repeatable [default: the adapter named TASK]",
-)
-@click.option("--random-seed", type=int, help="as mergekit's --random-seed (DARE masks)")
-@click.option("--fresh", is_flag=True, help="discard the points a previous run in OUT scored")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def tune_command(
-    config_file, data, grid, metric, device, out, merge, score_as, normalise, **settings
-):
-    """Score a merge recipe's grid points on your own validation data; write the table,
-    a plot, the winning recipe (and with --merge, the merge itself)."""
-    from mergekit_corespace.errors import CoreSpaceError
-    from mergekit_corespace.tune import tune
+def _tune_command():
+    from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-    metrics = {}
-    for spec in metric:
-        task, sep, name = spec.rpartition("=")
-        key = task if sep else "*"
-        if key in metrics:
-            raise CoreSpaceError(f"--metric {spec}: {key if sep else 'the default'} given twice")
-        metrics[key] = name
-    result = tune(
-        config_file,
-        data,
-        grid,
-        metric=metrics or "auto",
-        out=out,
-        device=device,
-        merge=merge,
-        score_as=score_as,
-        normalise=normalise,
-        batch_size=settings["batch_size"],
-        max_new_tokens=settings["max_new_tokens"],
-        stop=[_unescape(text) for text in settings["stop"]] or None,
-        task_adapter=_pairs("--task-adapter", settings["task_adapter"]),
-        random_seed=settings["random_seed"],
-        fresh=settings["fresh"],
-        progress=not settings["quiet"],
+    @click.command("mergekit-corespace-tune", cls=PrettyPrintHelp)
+    @click.argument("config_file", type=click.Path(dir_okay=False))
+    @click.option(
+        "--data",
+        type=click.Path(file_okay=False),
+        help="directory of task files, one NAME.jsonl per task (NAME: its adapter's name)",
     )
-    click.echo(result.table())
-    click.echo(
-        f"\nwritten to {result.out}: results.csv, results.json, score_vs_lambda.png, best.yml"
+    @click.option(
+        "--tasks",
+        metavar="NAME[,NAME]",
+        help="lm-evaluation-harness tasks, scored by lm-eval on the model in memory "
+        "(instead of or besides --data; needs the lm-eval extra)",
     )
-    if result.merged:
-        click.echo(f"winning merge ({merge}): {result.merged}")
+    @click.option(
+        "--include-path",
+        type=click.Path(file_okay=False),
+        help="a directory of lm-eval task YAML files for --tasks",
+    )
+    @click.option(
+        "--limit", type=click.IntRange(min=1), help="score on the first N examples of each task"
+    )
+    @click.option(
+        "--grid",
+        multiple=True,
+        metavar="NAME=V1,V2 ...",
+        help="values of top-level parameters (and merge_method) to try, e.g. "
+        "'lambda=0.5,1,2 merge=ta,ties density=0.3,0.7'; repeatable "
+        "[default: lambda=0.25,0.5,0.75,1,1.5]",
+    )
+    @click.option(
+        "--metric",
+        multiple=True,
+        metavar="[TASK=]METRIC",
+        help="auto | choice | exact | loglik, for every task or for one; repeatable "
+        "[default: auto: choice where examples give choices, else loglik]",
+    )
+    @click.option("--out", type=click.Path(file_okay=False), help="[default: CONFIG-tune]")
+    @click.option(
+        "--merge",
+        type=click.Choice(["model", "adapter"]),
+        help="also write the winning merge to OUT/merged, as a model or as an adapter",
+    )
+    @click.option(
+        "--score-as",
+        type=click.Choice(["model", "adapter"]),
+        help="score each point as the merged model mergekit-yaml writes (as fast as the base) or "
+        "as the merged adapter mergekit-corespace-lora writes, on the base with PEFT "
+        "[default: adapter with --merge adapter, else model]",
+    )
+    @click.option(
+        "--normalise/--no-normalise",
+        default=True,
+        show_default=True,
+        help="score each task's own adapter alone, and divide by it",
+    )
+    @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+    @click.option(
+        "--max-new-tokens",
+        type=click.IntRange(min=1),
+        help="exact: at most this many new tokens [default: 256, as lm-eval's generate_until]",
+    )
+    @click.option(
+        "--stop",
+        multiple=True,
+        metavar="TEXT",
+        help="exact: cut the generation before TEXT (escapes such as \\n read as in Python); "
+        "repeatable [default: \\n\\n, as lm-eval's generate_until]",
+    )
+    @click.option(
+        "--task-adapter",
+        multiple=True,
+        metavar="TASK=ADAPTER",
+        help="the task's own adapter (as the recipe names it, its path, or its directory name) "
+        "where names do not match; repeatable [default: the adapter named TASK]",
+    )
+    @click.option("--fresh", is_flag=True, help="discard the points a previous run in OUT scored")
+    @add_merge_options
+    def tune(
+        merge_options: MergeOptions, config_file, data, tasks, include_path, limit, grid, metric,
+        out, merge, score_as, normalise, **settings,
+    ):  # fmt: skip
+        """Score a merge recipe's grid points on your own validation data; write the table,
+        a plot, the winning recipe (and with --merge, the merge itself)."""
+        from mergekit_corespace.errors import CoreSpaceError
+        from mergekit_corespace.tune import tune as run_tune
+
+        metrics = {}
+        for spec in metric:
+            task, sep, name = spec.rpartition("=")
+            key = task if sep else "*"
+            if key in metrics:
+                raise CoreSpaceError(
+                    f"--metric {spec}: {key if sep else 'the default'} given twice"
+                )
+            metrics[key] = name
+        merge_options.apply_global_options()
+        result = run_tune(
+            config_file,
+            data,
+            grid,
+            tasks=tasks,
+            include_path=include_path,
+            limit=limit,
+            metric=metrics or "auto",
+            out=out,
+            merge=merge,
+            score_as=score_as,
+            normalise=normalise,
+            batch_size=settings["batch_size"],
+            max_new_tokens=settings["max_new_tokens"],
+            stop=[_unescape(text) for text in settings["stop"]] or None,
+            task_adapter=_pairs("--task-adapter", settings["task_adapter"]),
+            fresh=settings["fresh"],
+            progress=not merge_options.quiet,
+            merge_options=merge_options,
+        )
+        click.echo(result.table())
+        click.echo(
+            f"\nwritten to {result.out}: results.csv, results.json, score_vs_lambda.png, best.yml"
+        )
+        if result.merged:
+            click.echo(f"winning merge ({merge}): {result.merged}")
+
+    return tune
+
+
+def __getattr__(name: str):
+    if name == "tune_command":  # built on first use: it imports mergekit
+        return _tune_command()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _pairs(option: str, specs) -> dict[str, str]:
@@ -211,4 +239,4 @@ def _unescape(text: str) -> str:
 
 
 def tune_main() -> None:
-    tune_command(prog_name="mergekit-corespace-tune")
+    _tune_command()(prog_name="mergekit-corespace-tune")

@@ -44,7 +44,7 @@ def test_setup_installs_every_package_the_project_tells_a_user_to_install():
     script = SETUP.read_text()
     pinned = dict(re.findall(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.]+)", script))
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extras = re.search(r'pip install -e "\.\[([a-z,]+)\]"', script).group(1).split(",")
+    extras = re.search(r'pip install -e "\.\[([a-z,-]+)\]"', script).group(1).split(",")
     requirements = project["dependencies"] + [
         requirement for extra in extras for requirement in project["optional-dependencies"][extra]
     ]

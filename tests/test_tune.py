@@ -808,3 +808,54 @@ def test_task_adapter_maps_a_task_to_its_own_adapter_by_path_or_name(setup, tmp_
                 task_adapter=mapping, progress=False,
             )  # fmt: skip
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_near_zero_reference_is_named_in_the_table():
+    rows = [
+        Row(
+            point={"lambda": 1},
+            scores={"t": 0.05, "u": 0.9, "v": -2.0},
+            average=0.5,
+            normalised={"t": 2.0, "u": 1.0, "v": 1.0},
+            normalised_average=4 / 3,
+        )
+    ]
+    metrics = {"t": "exact", "u": "choice", "v": "loglik"}
+    references = {"t": 0.025, "u": 0.9, "v": -2.0}  # loglik: no accuracy, never named
+    table = TuneResult("out", metrics, references, rows, rows[0], "normalised average", "").table()
+    assert (
+        "Near-zero references (each normalised score of these tasks is their score × t 40)" in table
+    )
+    references["t"] = 0.1
+    table = TuneResult("out", metrics, references, rows, rows[0], "normalised average", "").table()
+    assert "Near-zero" not in table
+
+
+def test_mergekit_options_reach_the_final_merge(setup, tmp_path):
+    result = tune(
+        setup["recipe"], setup["data"], ["lambda=1"], metric="loglik", out=tmp_path / "out",
+        merge="model", normalise=False, progress=False,
+        merge_options={"copy_tokenizer": False, "out_shard_size": 60_000},
+    )  # fmt: skip
+    files = os.listdir(result.merged)
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded as asked
+    assert not [f for f in files if f.startswith("tokenizer")]  # not copied, as asked
+    again = tune(
+        setup["recipe"], setup["data"], ["lambda=1"], metric="loglik", out=tmp_path / "again",
+        merge="model", normalise=False, progress=False,
+    )  # fmt: skip
+    assert "tokenizer.json" in os.listdir(again.merged)  # mergekit's default: copied
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", r"^--device gpu: not a torch device \(cpu, cuda, cuda:N\)$"),
+        ("cuda:7", r"^--device cuda:7: this machine has \d+ CUDA device\(s\) that torch sees$"),
+        ("meta", r"^--device meta: expected cpu, cuda or cuda:N$"),
+    ],
+)
+def test_a_device_that_is_not_there_is_one_line_before_any_work(setup, tmp_path, device, message):
+    with pytest.raises(CoreSpaceError, match=message):
+        tune(setup["recipe"], setup["data"], out=tmp_path / "out", device=device, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ from mergekit_corespace.evaluate import (
     Task,
     check_tokenizer,
 )
+from mergekit_corespace.harness import HarnessTasks
 from mergekit_corespace.tune.grid import (
     SPACES,
     check_every_value_is_read,
@@ -42,33 +43,48 @@ class Plan:
     own_adapters: dict[str, str]  # task name -> adapter directory
     base_path: str
     base_revision: str | None
-    options: Any  # mergekit MergeOptions
+    options: Any  # mergekit MergeOptions for scoring: quiet, no model card
+    merge_options: Any  # the user's MergeOptions, for the final merge
     device: str
     dtype: str | None
     evaluator: Evaluator  # the base's tokenizer; the tasks already encoded and checked
     fingerprint: str
     out: str
     score_as: str  # "model" or "adapter"
+    harness: HarnessTasks | None = None  # the tasks named by --tasks
+
+    def scores(self, model, names: Sequence[str] | None = None) -> dict[str, float]:
+        """``model``'s score on every task (or on ``names``), in the plan's task order:
+        task files by the evaluator, lm-eval tasks by lm-eval."""
+        harnessed = set(self.harness.tasks) if self.harness else set()
+        wanted = [t for t in self.tasks if names is None or t.name in names]
+        scores = {t.name: self.evaluator.score(model, t) for t in wanted if t.name not in harnessed}
+        if any(t.name in harnessed for t in wanted):
+            scores |= self.harness.score(
+                model, self.evaluator.tokenizer, self.evaluator.batch_size, names
+            )
+        return {t.name: scores[t.name] for t in wanted}
 
     @classmethod
     def prepare(
-        cls, config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, seed,
-        score_as=None, stop=None, task_adapter=None,
+        cls, config, *, data, grid, metric, out, device, merge, batch_size, max_new_tokens,
+        seed, score_as=None, stop=None, task_adapter=None, harness_tasks=None,
+        include_path=None, limit=None, merge_options=None,
     ) -> Plan:  # fmt: skip
         from mergekit.config import MergeConfiguration
-        from mergekit.options import MergeOptions
         from pydantic import ValidationError
         from transformers import AutoTokenizer
 
-        from mergekit_corespace.evaluate import read_tasks
         from mergekit_corespace.glue.internals import install
         from mergekit_corespace.glue.run import validate_run
         from mergekit_corespace.glue.validation import check_parameters
 
         install()
         config_path = os.fspath(config)
-        if device not in ("cpu", "cuda"):
-            raise CoreSpaceError(f"--device {device}: expected cpu or cuda")
+        user_options = merge_options_of(merge_options)
+        device = checked_device(device, user_options)
+        if seed is None:
+            seed = user_options.random_seed
         if merge not in (None, "model", "adapter"):
             raise CoreSpaceError(f"--merge {merge}: expected model or adapter")
         if score_as is None:
@@ -81,18 +97,17 @@ class Plan:
         several = isinstance(grid, Sequence) and grid and all(isinstance(g, Mapping) for g in grid)
         grids = [parse_grid(one) for one in (grid if several else [grid])]
         metrics = {"*": metric} if isinstance(metric, str) else dict(metric)
-        tasks = read_tasks(os.fspath(data), metrics)
+        file_tasks, harness = read_all_tasks(data, metrics, harness_tasks, include_path, limit)
+        tasks = file_tasks + (harness.as_tasks() if harness else [])
         points = []
         for one in grids:
             kept = grid_points(one, recipe)
             check_every_value_is_read(one, kept, recipe)
             points += [p for p in kept if p not in points]
-        options = MergeOptions(
-            quiet=True,
-            write_model_card=False,
-            device=device,
-            random_seed=seed,
-        )
+        # the user's mergekit options (the final merge takes them as they are), quiet and
+        # with no model card while scoring
+        user_options = user_options.model_copy(update=dict(device=device, random_seed=seed))
+        options = user_options.model_copy(update=dict(quiet=True, write_model_card=False))
         configs, run = [], None
         for point in points:
             try:
@@ -118,7 +133,7 @@ class Plan:
             raise CoreSpaceError(
                 f"base_model: {base.path}: no tokenizer to evaluate with ({first_lines(error)})"
             ) from None
-        check_tokenizer(tasks, tokenizer, base.path)
+        check_tokenizer(file_tasks, tokenizer, base.path)
         dtype = scored_dtype(configs[0], run.checkpoint)
         evaluation = dict(
             batch_size=batch_size,
@@ -130,8 +145,10 @@ class Plan:
         positions = getattr(base_config, "max_position_embeddings", None) or getattr(
             base_config, "n_positions", None
         )
-        evaluator.check_fits(tasks, positions, base.path)
-        settings = dict(evaluation, device=device, dtype=dtype, seed=seed, own=own)
+        evaluator.check_fits(file_tasks, positions, base.path)
+        settings = dict(evaluation, device=device, dtype=dtype, seed=seed, own=own, limit=limit)
+        if harness is not None:
+            settings["lm-eval"] = harness.digests
         if score_as == "model":  # logs scored as adapters, before this choice, stay valid
             settings["scored_as"] = score_as
         if out is None:
@@ -146,10 +163,12 @@ class Plan:
             base_path=base.path,
             base_revision=base.revision,
             options=options,
+            merge_options=user_options,
             device=device,
             dtype=dtype,
             evaluator=evaluator,
-            fingerprint=fingerprint(recipe, run, tasks, settings),
+            fingerprint=fingerprint(recipe, run, file_tasks, settings),
+            harness=harness,
             out=os.path.abspath(os.fspath(out)),
             score_as=score_as,
         )
@@ -170,6 +189,71 @@ def scored_dtype(merge_config, checkpoint) -> str | None:
     stored = [_SAFETENSORS_DTYPES[kind] for kind in checkpoint.dtypes.values() if kind in
               _SAFETENSORS_DTYPES]  # fmt: skip
     return max(sorted(set(stored)), key=stored.count) if stored else None
+
+
+def merge_options_of(given):
+    """mergekit's ``MergeOptions`` from an instance, a mapping of its fields, or None;
+    a bad field is one line."""
+    from mergekit.options import MergeOptions
+    from pydantic import ValidationError
+
+    if isinstance(given, MergeOptions):
+        return given
+    try:
+        return MergeOptions(**dict(given or {}))
+    except ValidationError as error:
+        raise CoreSpaceError(f"merge options: {first_lines(error)}") from None
+
+
+def checked_device(device: str | None, options) -> str:
+    """The torch device the model runs on and merges are computed on: ``device``, else
+    mergekit's ``--device`` / ``--cuda``, else cpu; checked to exist before any work."""
+    import torch
+
+    device = device or options.device or ("cuda" if options.cuda else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CoreSpaceError(f"--device {device}: not a torch device (cpu, cuda, cuda:N)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise CoreSpaceError(
+                f"--device {device}: this machine has {count} CUDA device(s) that torch sees"
+            )
+    elif parsed.type != "cpu":
+        raise CoreSpaceError(f"--device {device}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def read_all_tasks(data, metrics, harness_names, include_path, limit):
+    """The task files of ``data`` (their first ``limit`` examples) and the lm-eval tasks
+    ``harness_names``; at least one of the two, and no name in both."""
+    import dataclasses
+
+    from mergekit_corespace.evaluate import read_tasks
+    from mergekit_corespace.harness import load_harness_tasks
+
+    if include_path is not None and not harness_names:
+        raise CoreSpaceError(f"--include-path {include_path}: give --tasks to use its tasks")
+    if data is None and not harness_names:
+        raise CoreSpaceError("nothing to score on: give --data DIR (task files) or --tasks NAME")
+    if limit is not None and limit < 1:
+        raise CoreSpaceError(f"--limit {limit}: must be at least 1")
+    file_tasks = read_tasks(os.fspath(data), metrics) if data is not None else []
+    if data is None and set(metrics) - {"*"}:
+        raise CoreSpaceError("--metric TASK=METRIC sets a task file's metric; give --data too")
+    if limit is not None:
+        file_tasks = [dataclasses.replace(t, examples=t.examples[:limit]) for t in file_tasks]
+    if isinstance(harness_names, str):
+        harness_names = [n for n in harness_names.split(",") if n]
+    harness = None
+    if harness_names:
+        harness = load_harness_tasks(list(harness_names), include_path, limit)
+        both = sorted({t.name for t in file_tasks} & set(harness.tasks))
+        if both:
+            raise CoreSpaceError(f"--tasks {both[0]}: also a task file of --data; rename one")
+    return file_tasks, harness
 
 
 def own_adapters(

@@ -36,11 +36,31 @@ def markdown_table(result: TuneResult) -> str:
     if result.references:
         shown = ", ".join(f"{task} {score:.4f}" for task, score in result.references.items())
         lines.append(f"\nOwn adapter alone (references): {shown}")
+        low = near_zero_references(result.metrics, result.references)
+        if low:
+            lines.append(
+                "Near-zero references (each normalised score of these tasks is their score "
+                "× "
+                + ", ".join(f"{task} {1 / score:.0f}" for task, score in low.items())
+                + "): their tasks weigh most in the normalised average"
+            )
     lines.append(f"Best by {result.selected_by}: {label(result.best.point)} (marked *)")
     lines += [
         f"At the grid's edge: {note}; a wider grid may score higher" for note in result.at_edge()
     ]
     return "\n".join(lines)
+
+
+NEAR_ZERO = 0.1  # an accuracy reference below this multiplies its task's normalised scores by >10
+
+
+def near_zero_references(metrics, references) -> dict[str, float]:
+    """The accuracy-like references (all but ``loglik``) below :data:`NEAR_ZERO`."""
+    return {
+        task: score
+        for task, score in references.items()
+        if metrics.get(task) != "loglik" and 0 < score < NEAR_ZERO
+    }
 
 
 def write_outputs(plan: Plan, result: TuneResult) -> None:

@@ -12,7 +12,7 @@ from mergekit_corespace.glue.staging import exclusive_lock
 from mergekit_corespace.tune.grid import label, lambda_groups, point_key
 from mergekit_corespace.tune.plan import Plan
 from mergekit_corespace.tune.points_log import LOG_FILE, PointsLog
-from mergekit_corespace.tune.report import write_outputs
+from mergekit_corespace.tune.report import near_zero_references, write_outputs
 from mergekit_corespace.tune.results import PointTimes, Row, TuneResult
 from mergekit_corespace.tune.selection import scored_row, select_best
 from mergekit_corespace.tune.session import Session
@@ -22,12 +22,15 @@ LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_cores
 
 def tune(
     config: str | os.PathLike,
-    data: str | os.PathLike,
+    data: str | os.PathLike | None = None,
     grid: Sequence[str] | Mapping[str, Sequence[Any]] | None = None,
     *,
+    tasks: str | Sequence[str] | None = None,
+    include_path: str | os.PathLike | None = None,
+    limit: int | None = None,
     metric: str | Mapping[str, str] = "auto",
     out: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     merge: str | None = None,
     normalise: bool = True,
     batch_size: int = 8,
@@ -39,6 +42,7 @@ def tune(
     progress: bool = True,
     on_point: Callable[[Row, PointTimes], None] | None = None,
     score_as: str | None = None,
+    merge_options: Any = None,
 ) -> TuneResult:
     """Score every grid point of the recipe ``config`` on the task files in ``data``.
 
@@ -47,6 +51,11 @@ def tune(
             ``full_space``), as for ``mergekit-yaml``.
         data: a directory of ``*.jsonl`` task files (:mod:`mergekit_corespace.evaluate`);
             ``nli.jsonl`` is the task of the adapter named ``nli``.
+        tasks: lm-evaluation-harness tasks (names, or one comma-separated string), scored
+            by lm-eval itself on the model in memory (:mod:`mergekit_corespace.harness`),
+            instead of or besides ``data``; ``include_path``: a directory of lm-eval task
+            YAML files.
+        limit: score on the first ``limit`` examples of each task only.
         grid: ``["lambda=0.5,1,2", "merge=ta,ties density=0.3,0.7"]`` or
             ``{"lambda": [0.5, 1, 2]}``, or a list of such mappings (their points, in
             order: e.g. a λ range per inner method); default ``lambda=0.25,0.5,0.75,1,1.5``.
@@ -54,7 +63,8 @@ def tune(
             ``{task: metric}`` (``"*"`` for the rest).
         out: output directory (default ``<config stem>-tune``): points log, tables, plot,
             winning recipe, and with ``merge`` the final merge in ``OUT/merged``.
-        device: ``cpu`` or ``cuda``: where the model runs and the merges are computed.
+        device: ``cpu``, ``cuda`` or ``cuda:N``: where the model runs and the merges are
+            computed (default: ``merge_options``' device, else cpu).
         merge: ``model`` or ``adapter``: also write the winning merge.
         normalise: score each task's own adapter alone as the task's reference.
         batch_size, max_new_tokens, stop: evaluation settings: ``exact`` generates at
@@ -72,10 +82,17 @@ def tune(
             writes) or ``adapter`` (the merged adapter on it with PEFT: what
             ``mergekit-corespace-lora`` writes); default ``adapter`` with
             ``merge="adapter"``, else ``model``.
+        merge_options: mergekit's ``MergeOptions`` (or a mapping of its fields), as
+            ``mergekit-yaml`` takes them: ``trust_remote_code``, ``transformers_cache``,
+            ``lazy_unpickle``, ``out_shard_size``, ``copy_tokenizer``, ... for the merges
+            and the final merge.
     """
     plan = Plan.prepare(
-        config, data, grid, metric, out, device, merge, batch_size, max_new_tokens, random_seed,
-        score_as, stop, task_adapter,
+        config, data=data, grid=grid, metric=metric, out=out, device=device, merge=merge,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, seed=random_seed,
+        score_as=score_as, stop=stop, task_adapter=task_adapter, harness_tasks=tasks,
+        include_path=None if include_path is None else os.fspath(include_path), limit=limit,
+        merge_options=merge_options,
     )  # fmt: skip
     os.makedirs(os.path.dirname(plan.out), exist_ok=True)
     with exclusive_lock(plan.out, holder="tuning run"):  # one points log, one writer
@@ -153,6 +170,15 @@ def _references(plan: Plan, log: PointsLog, session: Session) -> dict[str, float
                 task.metric,
             )
             del references[task.name]
+    metrics = {task.name: task.metric for task in plan.tasks}
+    for task, score in near_zero_references(metrics, references).items():
+        LOG.warning(
+            "%s: its own adapter alone scores only %.4f; its normalised scores are its scores "
+            "× %.0f and weigh most in the normalised average",
+            task,
+            score,
+            1 / score,
+        )
     return references
 
 
@@ -164,9 +190,8 @@ def final_merge(plan: Plan, result: TuneResult, kind: str) -> str:
     if kind == "adapter":
         from mergekit_corespace.glue.adapter_output import merge_to_adapter
 
-        return merge_to_adapter(config, path, plan.options).path
+        return merge_to_adapter(config, path, plan.merge_options).path
     import mergekit.merge
 
-    options = plan.options.model_copy(update={"copy_tokenizer": True})
-    mergekit.merge.run_merge(config, path, options=options)
+    mergekit.merge.run_merge(config, path, options=plan.merge_options)
     return path

@@ -23,7 +23,6 @@ class Session:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.evaluator = plan.evaluator
         self.model = None  # the PeftModel, once the first adapter is on
         self.active: str | None = None
         self.count = 0
@@ -88,7 +87,7 @@ class Session:
                 model.load_adapter(directory, adapter_name=name)
 
         self._swap(add)
-        return self.evaluator.score(self.model, task)
+        return self.plan.scores(self.model, [task.name])[task.name]
 
     def _plain_base(self):
         """The loaded base with no adapter on it: loaded again once an adapter was on (an
@@ -147,7 +146,7 @@ class Session:
                 self._apply(adapter.export)
                 model = self.model
             applied_at = time.perf_counter()
-            scores = {task.name: self.evaluator.score(model, task) for task in self.plan.tasks}
+            scores = self.plan.scores(model)
             done = time.perf_counter()
             times = PointTimes(merged_at - started, applied_at - merged_at, done - applied_at)
             yield point, scores, times
