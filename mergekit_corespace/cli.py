@@ -199,7 +199,8 @@ def _tune_command():
         )
         click.echo(result.table())
         click.echo(
-            f"\nwritten to {result.out}: results.csv, results.json, score_vs_lambda.png, best.yml"
+            f"\nwritten to {result.out}: results.csv, results.json, predictions.jsonl, "
+            "score_vs_lambda.png, best.yml"
         )
         if result.merged:
             click.echo(f"winning merge ({merge}): {result.merged}")

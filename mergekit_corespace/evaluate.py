@@ -59,17 +59,39 @@ __all__ = [  # the task files' names too: one module to import for an evaluation
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_STOP",
     "METRICS",
+    "Evaluation",
     "TASK_SUFFIX",
     "Evaluator",
     "Example",
     "Metric",
     "Task",
     "check_tokenizer",
+    "mean_stderr",
     "normalise",
     "normalised_score",
     "read_task",
     "read_tasks",
 ]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A score, its standard error (None for one example) and, per example, what was
+    scored (JSON-ready dicts, the task file's line among them)."""
+
+    score: float
+    stderr: float | None
+    examples: list[dict]
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """The standard error of a mean: the sample standard deviation over √n (lm-eval's
+    ``mean_stderr``)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 @dataclass(frozen=True)
@@ -110,11 +132,30 @@ class Evaluator:
 
     def score(self, model, task: Task) -> float:
         """``model``'s score on ``task`` with the task's metric."""
+        return self.evaluate(model, task).score
+
+    def evaluate(self, model, task: Task) -> Evaluation:
+        """``model``'s score on ``task``, its standard error and, per example, what was
+        scored: the prediction and whether it is the answer, or the answer's mean
+        log-likelihood per token."""
         if task.metric == "loglik":
+            encoded = self._encode(task)
+            pairs = [(c, cands[0]) for c, cands in zip(encoded.contexts, encoded.candidates)]
             with torch.inference_mode():
-                return self._loglik(model, self._encode(task))
-        hits = self.hits(task, self.predictions(model, task))
-        return sum(hits) / len(hits)
+                sums, lengths = self._sequence_logliks(model, pairs)
+            values = [s / n for s, n in zip(sums, lengths)]
+            examples = [
+                {"line": e.line, "answer": e.answer, "loglik": v, "tokens": n}
+                for e, v, n in zip(task.examples, values, lengths)
+            ]
+        else:
+            predictions = self.predictions(model, task)
+            values = self.hits(task, predictions)
+            examples = [
+                {"line": e.line, "answer": e.answer, "prediction": p, "hit": bool(h)}
+                for e, p, h in zip(task.examples, predictions, values)
+            ]
+        return Evaluation(sum(values) / len(values), mean_stderr(values), examples)
 
     def predictions(self, model, task: Task) -> list[str]:
         """Per example, ``model``'s answer: the choice it rates most likely (``choice``) or
@@ -257,11 +298,6 @@ class Evaluator:
         with torch.inference_mode():
             sums = iter(self._sequence_logliks(model, pairs)[0])
         return [[next(sums) for _ in candidates] for candidates in encoded.candidates]
-
-    def _loglik(self, model, encoded: _Encoded) -> float:
-        pairs = [(c, cands[0]) for c, cands in zip(encoded.contexts, encoded.candidates)]
-        sums, lengths = self._sequence_logliks(model, pairs)
-        return sum(s / n for s, n in zip(sums, lengths)) / len(sums)
 
     def _choices(self, model, task: Task, encoded: _Encoded) -> list[str]:
         """The most likely choice per example (ties: the first). A one-token choice is

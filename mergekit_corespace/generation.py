@@ -90,10 +90,12 @@ class _Finished(StoppingCriteria):
     """Per row of a generated batch: done once a stop string is in its text, or (given the
     answers) once its text can no longer equal the answer. A row's normalised final text
     starts with its normalised text so far less a margin (a stop string may end in the
-    next tokens and cut back into it; a character may span tokens), so once that is not a
-    prefix of the normalised answer, the row can only be a miss."""
+    next tokens and cut back into it; the last token's text, or a character spelled in byte
+    tokens, may change with the next), so once that is not a prefix of the normalised
+    answer, the row can only be a miss."""
 
-    MARGIN_TOKENS = 4  # a UTF-8 character spans at most four byte tokens
+    MARGIN_TOKENS = 1  # the last token's text may still change with the next one
+    UTF8_TOKENS = 4  # a character split into byte tokens decodes to U+FFFD until whole
 
     def __init__(self, tokenizer, width: int, stop: Sequence[str], answers: Sequence[str] | None):
         self.tokenizer = tokenizer
@@ -108,13 +110,22 @@ class _Finished(StoppingCriteria):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             stopped = any(string in text for string in self.stop)
             if not stopped and self.answers is not None:
-                settled = self.tokenizer.decode(
-                    tokens[: max(0, len(tokens) - self.MARGIN_TOKENS)], skip_special_tokens=True
-                )
+                settled = self._settled(tokens)
                 settled = settled[: max(0, len(settled) - self.margin_chars)]
                 stopped = not self.answers[row].startswith(normalise(settled))
             done.append(stopped)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _settled(self, tokens: list[int]) -> str:
+        """The text of all but the last token, less any character still being spelled in
+        byte tokens."""
+        end = max(0, len(tokens) - self.MARGIN_TOKENS)
+        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        floor = max(0, end - self.UTF8_TOKENS)
+        while text.endswith("\ufffd") and end > floor:
+            end -= 1
+            text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        return text
 
 
 def chunks(items: list[int], size: int) -> Iterator[list[int]]:

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.evaluate import Evaluation
 
 LOG = logging.getLogger(__name__)
+# lm-eval's standard errors: closed form for means (accuracy), bootstrapped for the rest
+BOOTSTRAP_ITERS = 1000
 
 
 @dataclass
@@ -42,11 +45,11 @@ class HarnessTasks:
             for name, metric in self.metrics.items()
         ]
 
-    def score(
+    def evaluate(
         self, model, tokenizer, batch_size: int, names: Sequence[str] | None = None
-    ) -> dict[str, float]:
-        """``model``'s score on each task (or on ``names``), as lm-eval's ``evaluate``
-        reports it."""
+    ) -> dict[str, Evaluation]:
+        """``model``'s score on each task (or on ``names``) as lm-eval's ``evaluate``
+        reports it, with its standard error and lm-eval's per-sample record."""
         from lm_eval import evaluator
         from lm_eval.models.huggingface import HFLM
 
@@ -57,18 +60,35 @@ class HarnessTasks:
             logger.setLevel(logging.ERROR)
         try:
             harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            results = evaluator.evaluate(
+            output = evaluator.evaluate(
                 lm=harness,
                 task_dict=chosen,
                 limit=self.limit,
-                bootstrap_iters=0,
-                log_samples=False,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                log_samples=True,
                 verbosity="ERROR",
-            )["results"]
+            )
         finally:
             for logger, level in zip(quiet, levels):
                 logger.setLevel(level)
-        return {name: _metric_value(results[name], self.metrics[name], name) for name in chosen}
+        evaluations = {}
+        for name in chosen:
+            metric = self.metrics[name]
+            result = output["results"][name]
+            key = _metric_key(result, metric, name)
+            stderr = result.get(key.replace(",", "_stderr,", 1))
+            samples = [
+                {
+                    "doc_id": sample.get("doc_id"),
+                    "target": sample.get("target"),
+                    "response": sample.get("filtered_resps"),
+                    metric: sample.get(metric),
+                }
+                for sample in output.get("samples", {}).get(name, [])
+            ]
+            stderr = float(stderr) if isinstance(stderr, (int, float)) else None
+            evaluations[name] = Evaluation(float(result[key]), stderr, samples)
+        return evaluations
 
 
 def load_harness_tasks(
@@ -119,11 +139,12 @@ def load_harness_tasks(
     return HarnessTasks(tasks=tasks, metrics=metrics, limit=limit, digests=digests)
 
 
-def _metric_value(result: Mapping[str, Any], metric: str, name: str) -> float:
+def _metric_key(result: Mapping[str, Any], metric: str, name: str) -> str:
+    """The key lm-eval reports ``metric`` under: ``metric,filter`` (the first filter)."""
     keys = [k for k in result if k.startswith(metric + ",") and "_stderr" not in k]
     if not keys:
         raise CoreSpaceError(f"--tasks {name}: lm-eval reported no {metric} ({sorted(result)})")
-    return float(result[keys[0]])
+    return keys[0]
 
 
 def _digest(task) -> str:

@@ -218,3 +218,22 @@ def test_generations_and_exact_scores_are_lm_evals(loaded):
     predictions = stopped.predictions(model, exact)
     assert Evaluator.hits(exact, predictions) == hits
     assert stopped.score(model, exact) == sum(hits) / len(hits)
+
+
+def test_a_character_spelled_in_byte_tokens_never_stops_a_right_answer_early(tmp_path):
+    """SentencePiece spells a rare character in byte tokens: a prefix of them decodes to
+    U+FFFD, which is not a prefix of the answer; the early stop must wait for the whole."""
+    from transformers import AutoTokenizer
+
+    from mergekit_corespace.generation import _Finished
+
+    tokenizer = AutoTokenizer.from_pretrained(_sentencepiece(tmp_path))
+    answer = "x 𝔸𝔹 done"
+    tokens = tokenizer.encode(answer, add_special_tokens=False)
+    pieces = tokenizer.convert_ids_to_tokens(tokens)
+    assert sum(piece.startswith("<0x") for piece in pieces) >= 8  # two 4-byte characters
+    finished = _Finished(tokenizer, width=0, stop=("\n\n",), answers=[answer])
+    for end in range(1, len(tokens) + 1):
+        assert not finished(torch.tensor([tokens[:end]]), None)[0], pieces[:end]
+    wrong = tokenizer.encode("x 𝔸𝔸 done and more", add_special_tokens=False)
+    assert finished(torch.tensor([wrong]), None)[0]  # …while a wrong one still stops

@@ -859,3 +859,26 @@ def test_a_device_that_is_not_there_is_one_line_before_any_work(setup, tmp_path,
     with pytest.raises(CoreSpaceError, match=message):
         tune(setup["recipe"], setup["data"], out=tmp_path / "out", device=device, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_winners_predictions_standard_errors_and_run_are_written(exact_run, setup):
+    out = exact_run.out
+    written = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+    for task in ("a", "b"):
+        records = [json.loads(line) for line in open(os.path.join(setup["data"], f"{task}.jsonl"))]
+        mine = [line for line in written if line["task"] == task]
+        assert [line["line"] for line in mine] == list(range(1, len(records) + 1))
+        answers = [r["answer"] if "answer" in r else r["messages"][-1]["content"] for r in records]
+        assert [line["answer"] for line in mine] == answers
+        assert sum(line["hit"] for line in mine) / len(mine) == exact_run.best.scores[task]
+        for row in exact_run.rows:  # a mean of 0/1 values: √(p(1 − p)/(n − 1))
+            p, n = row.scores[task], len(records)
+            assert row.stderr[task] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), abs=1e-12)
+    assert any(0 < row.scores["a"] < 1 for row in exact_run.rows)  # a non-zero error shown
+    assert " ± " in exact_run.table()
+    summary = json.load(open(os.path.join(out, "results.json")))
+    assert summary["run"]["versions"]["mergekit"] and summary["run"]["dtype"] == "float32"
+    assert summary["run"]["examples"] == {"a": EXAMPLES, "b": EXAMPLES}
+    timing = json.load(open(os.path.join(out, "timing.json")))
+    assert timing["points_scored_by_this_run"] == len(exact_run.rows)
+    assert timing["seconds_per_point"]["evaluate"] > 0

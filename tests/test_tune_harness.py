@@ -85,9 +85,10 @@ def test_lm_eval_tasks_score_as_lm_eval_scores_the_written_merge(setup):
         task_manager=TaskManager(include_path=tasks, include_defaults=False),
         batch_size=4,
         device="cpu",
-        bootstrap_iters=0,
+        bootstrap_iters=1000,  # accuracy's standard error: lm-eval's closed form
     )["results"]
     assert result.best.scores == {name: expected[name]["acc,none"] for name in ("a", "b")}
+    assert result.best.stderr == {name: expected[name]["acc_stderr,none"] for name in ("a", "b")}
     scores = {tuple(row.scores.values()) for row in result.rows}
     assert len(scores) == 2  # λ changes the answers: the comparison can fail
 

@@ -15,6 +15,7 @@ from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_STOP,
+    Evaluation,
     Evaluator,
     Task,
     check_tokenizer,
@@ -52,18 +53,21 @@ class Plan:
     out: str
     score_as: str  # "model" or "adapter"
     harness: HarnessTasks | None = None  # the tasks named by --tasks
+    limit: int | None = None  # examples per task
 
-    def scores(self, model, names: Sequence[str] | None = None) -> dict[str, float]:
-        """``model``'s score on every task (or on ``names``), in the plan's task order:
-        task files by the evaluator, lm-eval tasks by lm-eval."""
+    def evaluations(self, model, names: Sequence[str] | None = None) -> dict[str, Evaluation]:
+        """``model``'s evaluation on every task (or on ``names``), in the plan's task
+        order: task files by the evaluator, lm-eval tasks by lm-eval."""
         harnessed = set(self.harness.tasks) if self.harness else set()
         wanted = [t for t in self.tasks if names is None or t.name in names]
-        scores = {t.name: self.evaluator.score(model, t) for t in wanted if t.name not in harnessed}
+        evaluations = {
+            t.name: self.evaluator.evaluate(model, t) for t in wanted if t.name not in harnessed
+        }
         if any(t.name in harnessed for t in wanted):
-            scores |= self.harness.score(
+            evaluations |= self.harness.evaluate(
                 model, self.evaluator.tokenizer, self.evaluator.batch_size, names
             )
-        return {t.name: scores[t.name] for t in wanted}
+        return {t.name: evaluations[t.name] for t in wanted}
 
     @classmethod
     def prepare(
@@ -169,6 +173,7 @@ class Plan:
             evaluator=evaluator,
             fingerprint=fingerprint(recipe, run, file_tasks, settings),
             harness=harness,
+            limit=limit,
             out=os.path.abspath(os.fspath(out)),
             score_as=score_as,
         )

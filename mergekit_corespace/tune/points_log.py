@@ -18,7 +18,7 @@ from mergekit_corespace.tune.grid import point_key
 LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
 
 LOG_FILE = "points.jsonl"
-FORMAT = 1  # of the points log; part of the fingerprint
+FORMAT = 2  # of the points log; part of the fingerprint (2: standard errors)
 
 
 class PointsLog:
@@ -29,6 +29,7 @@ class PointsLog:
         self.path = path
         self.fingerprint = fingerprint
         self.points: dict[str, dict[str, float]] = {}
+        self.stderrs: dict[str, dict[str, float | None]] = {}
         self.references: dict[str, float] = {}
         if fresh and os.path.exists(path):
             os.remove(path)
@@ -56,6 +57,7 @@ class PointsLog:
                 self.references[record["reference"]] = record["score"]
             else:
                 self.points[point_key(record["point"])] = record["scores"]
+                self.stderrs[point_key(record["point"])] = record.get("stderr", {})
         if lines[-1]:
             LOG.warning("%s: dropping an unfinished last line (an interrupted run)", self.path)
             with open(self.path, "w", encoding="utf-8") as handle:
@@ -67,9 +69,16 @@ class PointsLog:
     def reference(self, task: str) -> float | None:
         return self.references.get(task)
 
-    def add_point(self, point: Mapping[str, Any], scores: dict[str, float]) -> None:
-        self._append({"fingerprint": self.fingerprint, "point": dict(point), "scores": scores})
+    def stderr(self, point: Mapping[str, Any]) -> dict[str, float | None]:
+        return self.stderrs.get(point_key(point), {})
+
+    def add_point(
+        self, point: Mapping[str, Any], scores: dict[str, float], stderr: dict[str, float | None]
+    ) -> None:
+        record = {"point": dict(point), "scores": scores, "stderr": stderr}
+        self._append({"fingerprint": self.fingerprint, **record})
         self.points[point_key(point)] = scores
+        self.stderrs[point_key(point)] = stderr
 
     def add_reference(self, task: str, score: float) -> float:
         self._append({"fingerprint": self.fingerprint, "reference": task, "score": score})

@@ -28,7 +28,8 @@ def markdown_table(result: TuneResult) -> str:
     for row in result.rows:
         mark = " *" if row is result.best else ""
         cells = [str(row.point.get(key, "")) for key in keys]
-        cells += [f"{row.scores[t]:.4f}" for t in tasks] + [f"{row.average:.4f}"]
+        cells += [_with_stderr(row.scores[t], row.stderr.get(t)) for t in tasks]
+        cells.append(f"{row.average:.4f}")
         if normalised:
             cells.append(f"{row.normalised_average:.4f}")
         cells[-1] += mark
@@ -63,21 +64,27 @@ def near_zero_references(metrics, references) -> dict[str, float]:
     }
 
 
-def write_outputs(plan: Plan, result: TuneResult) -> None:
-    """``results.csv``, ``results.json``, ``best.yml`` and ``score_vs_lambda.png`` in
-    ``OUT``, each written aside and moved into place."""
+def _with_stderr(score: float, stderr: float | None) -> str:
+    return f"{score:.4f}" if stderr is None else f"{score:.4f} ± {stderr:.4f}"
+
+
+def write_outputs(plan: Plan, result: TuneResult, best_examples, timing) -> None:
+    """``results.csv``, ``results.json``, ``predictions.jsonl`` (the winner's, per task and
+    example), ``timing.json``, ``best.yml`` and ``score_vs_lambda.png`` in ``OUT``, each
+    written aside and moved into place."""
     keys, tasks = _columns(result)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     normalised = bool(result.references)
     writer.writerow(
-        [*keys, *tasks, "average"]
+        [*keys, *tasks, *(f"{t} stderr" for t in tasks), "average"]
         + ([*(f"{t} normalised" for t in result.references), "normalised"] if normalised else [])
     )
     for row in result.rows:
         writer.writerow(
             [row.point.get(key, "") for key in keys]
             + [repr(row.scores[t]) for t in tasks]
+            + [repr(row.stderr.get(t)) if row.stderr.get(t) is not None else "" for t in tasks]
             + [repr(row.average)]
             + (
                 [
@@ -96,8 +103,16 @@ def write_outputs(plan: Plan, result: TuneResult) -> None:
         "selected_by": result.selected_by,
         "best": _row_json(result.best),
         "points": [_row_json(row) for row in result.rows],
+        "run": result.run,
     }
     write_text(os.path.join(plan.out, "results.json"), json.dumps(summary, indent=1) + "\n")
+    lines = [
+        json.dumps({"task": task, **example}, default=str) + "\n"
+        for task, examples in best_examples.items()
+        for example in examples
+    ]
+    write_text(os.path.join(plan.out, "predictions.jsonl"), "".join(lines))
+    write_text(os.path.join(plan.out, "timing.json"), json.dumps(timing, indent=1) + "\n")
     write_text(os.path.join(plan.out, "best.yml"), result.recipe)
     plot_score_vs_lambda(plan, result, os.path.join(plan.out, "score_vs_lambda.png"))
 
@@ -120,4 +135,5 @@ def _row_json(row: Row) -> dict[str, Any]:
         "average": row.average,
         "normalised": row.normalised,
         "normalised_average": row.normalised_average,
+        "stderr": row.stderr,
     }

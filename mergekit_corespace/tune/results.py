@@ -18,6 +18,7 @@ class Row:
     average: float
     normalised: dict[str, float] = field(default_factory=dict)
     normalised_average: float | None = None
+    stderr: dict[str, float | None] = field(default_factory=dict)  # per task: of its score
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TuneResult:
     selected_by: str  # "normalised average" or "average"
     recipe: str  # the winning recipe (YAML)
     merged: str | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # versions, settings, seconds per point
 
     def table(self) -> str:
         """The result as a Markdown table, the winning row marked with *."""

@@ -117,8 +117,8 @@ def _tune(
     rows = {}
     bar = tqdm(total=len(plan.points), desc="Grid points", unit="point", disable=not progress)
 
-    def scored(point, scores):
-        rows[point_key(point)] = row = scored_row(point, scores, plan, references)
+    def scored(point, scores, stderr):
+        rows[point_key(point)] = row = scored_row(point, scores, plan, references, stderr)
         bar.update()
         bar.set_postfix_str(
             f"{label(point)}: "
@@ -133,22 +133,64 @@ def _tune(
         if scores is None:
             pending.append(point)
         else:
-            scored(point, scores)
+            scored(point, scores, log.stderr(point))
+    examples, times = {}, []  # of the points scored by this run
     for group in lambda_groups(pending):
-        for point, scores, times in session.score(group):
-            log.add_point(point, scores)
-            row = scored(point, scores)
+        for point, evaluations, point_times in session.score(group):
+            scores = {task: e.score for task, e in evaluations.items()}
+            stderr = {task: e.stderr for task, e in evaluations.items()}
+            log.add_point(point, scores, stderr)
+            examples[point_key(point)] = {t: e.examples for t, e in evaluations.items()}
+            times.append(point_times)
+            row = scored(point, scores, stderr)
             if on_point is not None:
-                on_point(row, times)
+                on_point(row, point_times)
     bar.close()
-    session.close()
     result = select_best(plan, references, [rows[point_key(point)] for point in plan.points])
-    write_outputs(plan, result)
+    best = point_key(result.best.point)
+    if best not in examples:  # scored by an earlier run: again, for its predictions
+        for _, evaluations, _ in session.score([result.best.point]):
+            examples[best] = {t: e.examples for t, e in evaluations.items()}
+    session.close()
+    result.run, timing = run_metadata(plan, session, times)
+    write_outputs(plan, result, examples[best], timing)
     for note in result.at_edge():
         LOG.warning("the best point is at the grid's edge: %s; a wider grid may score higher", note)
     if merge is not None:
         result.merged = final_merge(plan, result, merge)
     return result
+
+
+def run_metadata(
+    plan: Plan, session: Session, times: list[PointTimes]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What results.json records of the run (versions, where and how it scored: the same
+    for the same inputs), and what timing.json records (the seconds a point took, mean
+    over the points this run scored: results.json stays byte-identical across runs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("mergekit-corespace", "mergekit", "torch", "transformers", "peft", "lm-eval"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    evaluator = plan.evaluator
+    seconds = {
+        part: sum(getattr(t, part) for t in times) / len(times) if times else None
+        for part in ("merge", "apply", "evaluate")
+    }
+    return {
+        "versions": versions,
+        "device": plan.device,
+        "dtype": plan.dtype,
+        "scored_as": session.score_as,
+        "batch_size": evaluator.batch_size,
+        "max_new_tokens": evaluator.max_new_tokens,
+        "stop": list(evaluator.stop),
+        "limit": plan.limit,
+        "examples": {t.name: len(t.examples) for t in plan.tasks if t.examples},
+    }, {"points_scored_by_this_run": len(times), "seconds_per_point": seconds}
 
 
 def _references(plan: Plan, log: PointsLog, session: Session) -> dict[str, float]:

@@ -21,7 +21,11 @@ LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_cores
 
 
 def scored_row(
-    point: Mapping[str, Any], scores: Mapping[str, float], plan: Plan, references
+    point: Mapping[str, Any],
+    scores: Mapping[str, float],
+    plan: Plan,
+    references,
+    stderr: Mapping[str, float | None] | None = None,
 ) -> Row:
     """The row of one point: its scores, their mean, and (for the tasks with a reference)
     the normalised scores and their mean."""
@@ -36,6 +40,7 @@ def scored_row(
         average=sum(scores.values()) / len(scores),
         normalised=normalised,
         normalised_average=sum(normalised.values()) / len(normalised) if normalised else None,
+        stderr=dict(stderr or {}),
     )
 
 

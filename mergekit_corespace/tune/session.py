@@ -87,7 +87,7 @@ class Session:
                 model.load_adapter(directory, adapter_name=name)
 
         self._swap(add)
-        return self.plan.scores(self.model, [task.name])[task.name]
+        return self.plan.evaluations(self.model, [task.name])[task.name].score
 
     def _plain_base(self):
         """The loaded base with no adapter on it: loaded again once an adapter was on (an
@@ -121,7 +121,8 @@ class Session:
     def score(self, group: Sequence[Mapping[str, Any]]):
         """Score each point of a group from :func:`~mergekit_corespace.tune.grid.lambda_groups`:
         merged once, before λ, and scaled per point (unless an adapter saved a weight whole,
-        which holds its λ). Yields ``(point, scores, times)``."""
+        which holds its λ). Yields ``(point, evaluations, times)``: per task, its
+        :class:`~mergekit_corespace.evaluate.Evaluation`."""
         from mergekit_corespace.glue.adapter_output import factored_merge, merged_weights
 
         merged = None
@@ -146,10 +147,10 @@ class Session:
                 self._apply(adapter.export)
                 model = self.model
             applied_at = time.perf_counter()
-            scores = self.plan.scores(model)
+            evaluations = self.plan.evaluations(model)
             done = time.perf_counter()
             times = PointTimes(merged_at - started, applied_at - merged_at, done - applied_at)
-            yield point, scores, times
+            yield point, evaluations, times
 
     def close(self) -> None:
         if self.model is not None and self.active is not None:
