@@ -214,3 +214,21 @@ if __name__ == "__main__":  # run_cli_batch's interpreter
         done = invoke_cli(args, script=script)
         results.append((done.returncode, done.stdout, done.stderr))
     Path(sys.argv[2]).write_text(json.dumps(results))
+
+
+def two_adapter_recipe(root, base_dtype=torch.float32, recipe_extra: str = ""):
+    """A tiny Llama with the toy tokenizer, adapters ``a`` and ``b`` of it, and a core-space
+    ``ta`` recipe of both: what a tuning test starts from. Returns (base, recipe path)."""
+    base = toy.save_tiny_model(str(Path(root) / "base"), "llama", dtype=base_dtype)
+    toy.save_tiny_tokenizer(base)
+    adapters = [
+        toy.save_lora_adapter(base, str(Path(root) / name), r=4, lora_alpha=8, seed=seed)
+        for name, seed in (("a", 1), ("b", 2))
+    ]
+    recipe = toy.write_yaml(
+        str(Path(root) / "recipe.yml"),
+        f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {base}+{adapter}\n" for adapter in adapters)
+        + f"parameters: {{merge: ta}}\n{recipe_extra}",
+    )
+    return base, recipe

@@ -26,6 +26,9 @@ from mergekit_corespace import toy
 from mergekit_corespace.evaluate import Evaluator, normalise, read_task
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench" / "llm"))
+from agreement import harness_generations, harness_loglikelihoods  # noqa: E402
+
 MAX_NEW = 24
 # a Llama-2-style template: the rendered chat starts with the BOS text, as most do
 LLAMA2_TEMPLATE = (
@@ -105,24 +108,6 @@ def _task(directory: Path, records, metric: str, name: str = "t"):
     return read_task(str(path), metric)
 
 
-def _harness_loglikelihoods(harness, pairs):
-    from lm_eval.api.instance import Instance
-
-    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    return [value for value, _ in harness.loglikelihood(requests, disable_tqdm=True)]
-
-
-def _harness_generations(harness, contexts, stop):
-    from lm_eval.api.instance import Instance
-
-    settings = {"until": list(stop), "max_gen_toks": MAX_NEW, "do_sample": False}
-    requests = [
-        Instance("generate_until", {}, (context, dict(settings)), i)
-        for i, context in enumerate(contexts)
-    ]
-    return harness.generate_until(requests, disable_tqdm=True)
-
-
 def test_context_and_continuation_ids_are_lm_evals(loaded):
     name, _, tokenizer, harness, records, directory = loaded
     evaluator = Evaluator(tokenizer)
@@ -158,7 +143,7 @@ def test_loglikelihoods_choices_and_loglik_scores_are_lm_evals(loaded, batch_siz
         for example in task.examples
         for choice in example.choices
     ]
-    theirs = iter(_harness_loglikelihoods(harness, pairs))
+    theirs = iter(harness_loglikelihoods(harness, pairs))
     expected = [[next(theirs) for _ in example.choices] for example in task.examples]
     ours = evaluator.loglikelihoods(model, task)
     # float32: the same sums to rounding; bfloat16 one at a time: the same bits (lm-eval
@@ -176,7 +161,7 @@ def test_loglikelihoods_choices_and_loglik_scores_are_lm_evals(loaded, batch_siz
     loglik = _task(directory, records, "loglik")
     answers = [(evaluator.context_text(example), example.answer) for example in loglik.examples]
     lengths = [len(evaluator.encode_pair(*pair)[1]) for pair in answers]
-    sums = _harness_loglikelihoods(harness, answers)
+    sums = harness_loglikelihoods(harness, answers)
     mean = sum(s / n for s, n in zip(sums, lengths, strict=True)) / len(sums)
     assert evaluator.score(model, loglik) == pytest.approx(mean, abs=tolerance or 1e-12)
 
@@ -189,14 +174,14 @@ def test_generations_and_exact_scores_are_lm_evals(loaded):
     evaluator = Evaluator(tokenizer, batch_size=1, max_new_tokens=MAX_NEW)
     task = _task(directory, records, "exact")
     contexts = [evaluator.context_text(example) for example in task.examples]
-    free = _harness_generations(harness, contexts, ["\n\n"])
+    free = harness_generations(harness, contexts, ["\n\n"], MAX_NEW)
     prompts = [evaluator.prompt_ids(example) for example in task.examples]
     assert evaluator.generate(model, prompts) == free
     # a stop string inside the budget: both cut before it
     longest = max(free, key=len)
     stop = longest[len(longest) // 2 :][:2]
     assert stop.strip() and len(longest) > 4
-    cut = _harness_generations(harness, contexts, [stop])
+    cut = harness_generations(harness, contexts, [stop], MAX_NEW)
     assert any(c != f for c, f in zip(cut, free, strict=True))
     stopped = Evaluator(tokenizer, batch_size=1, max_new_tokens=MAX_NEW, stop=(stop,))
     assert stopped.generate(model, prompts) == cut

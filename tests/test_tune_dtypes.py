@@ -9,19 +9,14 @@ import random
 
 import pytest
 import torch
+from helpers import two_adapter_recipe
 
-from mergekit_corespace import toy
 from mergekit_corespace.evaluate import Evaluator, read_tasks
 from mergekit_corespace.tune import tune
 
 
 def _setup(root, base_dtype, recipe_extra):
-    base = toy.save_tiny_model(str(root / "base"), "llama", dtype=base_dtype)
-    toy.save_tiny_tokenizer(base)
-    adapters = [
-        toy.save_lora_adapter(base, str(root / name), r=4, lora_alpha=8, seed=seed)
-        for name, seed in (("a", 1), ("b", 2))
-    ]
+    base, recipe = two_adapter_recipe(root, base_dtype, recipe_extra)
     data = root / "data"
     data.mkdir()
     rng = random.Random(0)
@@ -31,12 +26,6 @@ def _setup(root, base_dtype, recipe_extra):
             for _ in range(6)
         ]
         (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    recipe = toy.write_yaml(
-        str(root / "recipe.yml"),
-        f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
-        + "".join(f"  - model: {base}+{adapter}\n" for adapter in adapters)
-        + f"parameters: {{merge: ta}}\n{recipe_extra}",
-    )
     return base, str(data), recipe
 
 

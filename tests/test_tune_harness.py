@@ -8,8 +8,8 @@ import json
 import random
 
 import pytest
+from helpers import two_adapter_recipe
 
-from mergekit_corespace import toy
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.tune import tune
 
@@ -31,12 +31,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
-    base = toy.save_tiny_model(str(root / "base"), "llama")
-    toy.save_tiny_tokenizer(base)
-    adapters = [
-        toy.save_lora_adapter(base, str(root / name), r=4, lora_alpha=8, seed=seed)
-        for name, seed in (("a", 1), ("b", 2))
-    ]
+    base, recipe = two_adapter_recipe(root)
     tasks = root / "tasks"
     tasks.mkdir()
     rng = random.Random(0)
@@ -52,12 +47,6 @@ def setup(tmp_path_factory):
         ]
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         (tasks / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data))
-    recipe = toy.write_yaml(
-        str(root / "recipe.yml"),
-        f"merge_method: core_space\nbase_model: {base}\nmodels:\n"
-        + "".join(f"  - model: {base}+{adapter}\n" for adapter in adapters)
-        + "parameters: {merge: ta}\n",
-    )
     return root, base, str(tasks), recipe
 
 
