@@ -939,3 +939,37 @@ def test_the_plot_draws_each_methods_scores_against_lambda_and_stars_the_winner(
         "ylabel": "normalised average",
     }
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("change", ["chat template", "generation config", "package version"])
+def test_a_log_scored_before_an_upgrade_or_a_tokenizer_change_is_refused(
+    setup, tmp_path, monkeypatch, change
+):
+    import importlib.metadata
+
+    from helpers import two_adapter_recipe
+
+    base, recipe = two_adapter_recipe(tmp_path)
+    run = dict(metric="loglik", out=tmp_path / "out", normalise=False, progress=False)
+    tune(recipe, setup["data"], ["lambda=1"], **run)
+    tune(recipe, setup["data"], ["lambda=1"], **run)  # unchanged: resumed, not refused
+    if change == "chat template":
+        config = os.path.join(base, "tokenizer_config.json")
+        settings = json.load(open(config))
+        settings["chat_template"] = toy.TOY_CHAT_TEMPLATE.replace("<assistant>", "<bot>")
+        json.dump(settings, open(config, "w"))
+        if os.path.exists(os.path.join(base, "chat_template.jinja")):
+            with open(os.path.join(base, "chat_template.jinja"), "a") as handle:
+                handle.write(" ")
+    elif change == "generation config":
+        with open(os.path.join(base, "generation_config.json"), "w") as handle:
+            json.dump({"repetition_penalty": 1.3}, handle)
+    else:
+        real = importlib.metadata.version
+        monkeypatch.setattr(
+            importlib.metadata,
+            "version",
+            lambda name: "9.9.9" if name == "mergekit-corespace" else real(name),
+        )
+    with pytest.raises(CoreSpaceError, match=r"points.jsonl:1: scored for another recipe"):
+        tune(recipe, setup["data"], ["lambda=1"], **run)
