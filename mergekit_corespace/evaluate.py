@@ -191,14 +191,12 @@ class Evaluator:
             encoded = self._encode(task)
             rows = zip(task.examples, encoded.contexts, encoded.candidates, encoded.prompts)
             for example, context, candidates, prompt in rows:
-                # a one-token choice is read off the context's pass (as _choices scores them);
-                # generating k tokens runs the model over the prompt and k - 1 of them
+                # scoring k tokens runs the model over the context and k - 1 of them;
+                # generating k tokens, over the prompt and k - 1 of them
                 if task.metric == "exact":
                     needed = len(prompt) + len(candidates[0]) - 1
-                elif task.metric == "choice":
-                    needed = len(context) + max(0 if len(c) == 1 else len(c) for c in candidates)
                 else:
-                    needed = len(context) + len(candidates[0])
+                    needed = len(context) + max(len(c) for c in candidates) - 1
                 if needed > positions:
                     raise CoreSpaceError(
                         f"{task.path}:{example.line}: the prompt and answer take {needed} "
@@ -279,8 +277,9 @@ class Evaluator:
             scored_at = [
                 range(len(pairs[i][0]) - 1, len(pairs[i][0]) - 1 + len(pairs[i][1])) for i in batch
             ]
+            # the last token is only scored, never read: lm-eval's input, to the token
             logits, column = self._logits(
-                model, [pairs[i][0] + pairs[i][1] for i in batch], scored_at
+                model, [pairs[i][0] + pairs[i][1][:-1] for i in batch], scored_at
             )
             for row, i in enumerate(batch):
                 # in the logits' dtype, as lm-eval (softmax_dtype None) takes them

@@ -99,9 +99,8 @@ def test_stopping_a_generation_that_can_no_longer_be_the_answer_changes_no_hit(t
 
 @pytest.mark.parametrize(
     ("metric", "answer", "needed"),
-    [("loglik", "cde", 6), ("exact", "cde", 5), ("choice", "cde", 6), ("choice", "c", 3)],
-)  # <s>ab + the answer; exact runs the model over all but the last generated token, and
-# one-token choices are read off the context's own pass
+    [("loglik", "cde", 5), ("exact", "cde", 5), ("choice", "cde", 5), ("choice", "c", 3)],
+)  # <s>ab + the answer: the model runs over all but its last token, scored or generated
 def test_the_positions_a_sequence_needs_are_counted_exactly(tmp_path, metric, answer, needed):
     from transformers import AutoTokenizer
 
