@@ -19,6 +19,8 @@ LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_cores
 
 LOG_FILE = "points.jsonl"
 FORMAT = 2  # of the points log; part of the fingerprint (2: standard errors)
+# a base's files fingerprinted by size only: weights in any format, too large to hash per run
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx")
 
 
 class PointsLog:
@@ -116,7 +118,7 @@ def fingerprint(recipe, run, tasks: Sequence[Task], settings: Mapping[str, Any])
         full = os.path.join(base, name)
         if not os.path.isfile(full):
             continue
-        if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")):
+        if name.endswith(WEIGHT_SUFFIXES) or os.path.getsize(full) > (64 << 20):
             add([name, os.path.getsize(full)])
         elif not name.startswith("."):
             add([name, file_digest(full)])
