@@ -21,7 +21,6 @@ from typing import Any
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Evaluation
 
-LOG = logging.getLogger(__name__)
 # lm-eval's standard errors: closed form for means (accuracy), bootstrapped for the rest
 BOOTSTRAP_ITERS = 1000
 
