@@ -432,10 +432,10 @@ BAD_DATA = {
         "a.jsonl:2: the answer 'y' is not one of the `choices`",
     ),
     "not an object": ("a.jsonl", "[1, 2]\n", "a.jsonl:1: an example must be a JSON object"),
-    "longer than the model's positions": (  # <s> + 70 characters + a one-token answer
-        "a.jsonl",
+    "longer than the model's positions": (  # <s> + 70 characters: the one-token answer is
+        "a.jsonl",  # scored after them, at no position of its own
         GOOD + json.dumps({"prompt": "x" * 70, "answer": "y"}) + "\n",
-        "a.jsonl:2: the prompt and answer take 72 positions, more than the 64 of",
+        "a.jsonl:2: the prompt and answer take 71 positions, more than the 64 of",
     ),
 }
 
