@@ -103,8 +103,6 @@ def load_harness_tasks(
         ) from None
     if include_path is not None and not os.path.isdir(include_path):
         raise CoreSpaceError(f"--include-path {include_path}: no such directory")
-    if limit is not None and limit < 1:
-        raise CoreSpaceError(f"--limit {limit}: must be at least 1")
     manager = None
     if include_path is not None:  # its own tasks only: indexing lm-eval's takes long
         manager = TaskManager(include_path=include_path, include_defaults=False)

@@ -20,6 +20,7 @@ from mergekit_corespace.evaluate import (
     Task,
     check_tokenizer,
 )
+from mergekit_corespace.generation import max_positions
 from mergekit_corespace.harness import HarnessTasks
 from mergekit_corespace.tune.grid import (
     SPACES,
@@ -146,9 +147,7 @@ class Plan:
         )
         evaluator = Evaluator(tokenizer, **evaluation)
         base_config = run.checkpoint.config
-        positions = getattr(base_config, "max_position_embeddings", None) or getattr(
-            base_config, "n_positions", None
-        )
+        positions = max_positions(base_config)
         evaluator.check_fits(file_tasks, positions, base.path)
         settings = dict(evaluation, device=device, dtype=dtype, seed=seed, own=own, limit=limit)
         if harness is not None:
