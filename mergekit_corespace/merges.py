@@ -74,7 +74,7 @@ def disjoint_mean(
     for task, weight in zip(tasks, weights, strict=True):
         agrees = (torch.sign(task) == sign) & (task != 0)
         numerator += torch.where(agrees, task, 0)
-        denominator += agrees * weight
+        denominator += agrees.to(denominator.dtype) * weight  # bool × float is float32
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), 0)
 
 
