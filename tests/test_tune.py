@@ -656,8 +656,8 @@ def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, tmp_pat
     install()  # what the tuner does first: recipes name adapters as BASE+ADAPTER
     recipe = yaml.safe_load(open(setup["recipe"]))
 
-    def config(lam, method=merge):
-        point = {"merge_method": space, "merge": method, "lambda": lam}
+    def config(lam, method=merge, **extra):
+        point = {"merge_method": space, "merge": method, "lambda": lam, **extra}
         return MergeConfiguration.model_validate(point_recipe(recipe, point))
 
     options, spaces = MergeOptions(quiet=True, random_seed=3), SpaceCache()
@@ -673,6 +673,12 @@ def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, tmp_pat
     two = merged.adapter(2.0).export.tensors
     name = next(k for k in one if k.endswith("lora_B.weight"))
     assert torch.allclose(two[name], 2 * one[name]) and one[name].abs().max() > 0
+    if space == "knots":  # the cache keeps S·Vₜ and Vₜ tasks apart
+        unscaled = config(1.0, knots_scale_tasks=False)
+        cached = factored_merge(unscaled, options, spaces=spaces).adapter(1.0).export.tensors
+        fresh = merged_adapter(unscaled, options).export.tensors
+        assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
+        assert not torch.allclose(fresh[name], one[name])
     # scored as a model: each λ's weights are those mergekit-yaml's code writes at that λ
     weights = merged_weights(config(1.0), options, spaces=spaces)
     for lam in (0.5, 2, -1.5):
