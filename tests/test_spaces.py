@@ -45,18 +45,33 @@ def test_core_knots_and_full_agree_for_linear_merges(method):
     assert rel(core, full) < 1e-10 and rel(knots, full) < 1e-10
 
 
-def test_core_space_never_decomposes_an_m_by_n_matrix(monkeypatch):
+METHODS = ["ta", "mean", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c", "iso_cts"]
+DECOMPOSITIONS = ["svd", "svdvals", "qr", "eigh", "eig", "eigvalsh", "cholesky", "lstsq", "pinv"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_core_space_never_decomposes_an_m_by_n_matrix(monkeypatch, method):
+    """Whatever the inner method, core space decomposes only the stacked factors and R×R
+    cores, and its result stays factored: nothing m×n is formed or decomposed."""
     factors = random_factors(m=300, n=200, ranks=(4, 8))
     shapes = []
-    real_svd = torch.linalg.svd
 
-    def recording_svd(matrix, *args, **kwargs):
-        shapes.append(tuple(matrix.shape))
-        return real_svd(matrix, *args, **kwargs)
+    def recording(function):
+        def record(matrix, *args, **kwargs):
+            shapes.append(tuple(matrix.shape))
+            return function(matrix, *args, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
-    merge_factors(factors, [1.0, 1.0], MergeParameters(merge="ta"), "core")
-    assert shapes == [(300, 12), (200, 12)]  # [B₁ B₂] and [A₁; A₂]ᵀ: never 300×200
+        return record
+
+    for name in DECOMPOSITIONS:
+        monkeypatch.setattr(torch.linalg, name, recording(getattr(torch.linalg, name)))
+    for name in ("svd", "pca_lowrank", "svd_lowrank"):
+        monkeypatch.setattr(torch, name, recording(getattr(torch, name)))
+    merged = merge_factors(factors, [1.0, 0.5], MergeParameters(merge=method), "core")
+    assert shapes[:2] == [(300, 12), (200, 12)]  # [B₁ B₂] and [A₁; A₂]ᵀ
+    assert all(min(shape) <= 12 for shape in shapes), shapes  # the rest: 12×12 cores
+    assert merged.dense is None
+    assert merged.left.shape == (300, 12) and merged.right.shape == (12, 200)
 
 
 def test_cores_are_r_by_r_and_reconstruct_each_task():
