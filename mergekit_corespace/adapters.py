@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
 from mergekit_corespace.errors import CoreSpaceError
+from mergekit_corespace.memory import release_file_pages
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -110,6 +111,17 @@ class LoraAdapter:
         return cls(
             path=path, config=config, weights_file=weights_file, modules=modules, dense=dense
         )
+
+    def check_finite(self) -> None:
+        """Every floating-point tensor of the file holds finite values, so that a NaN or an
+        Inf is named before a merge starts (one read of the adapter, its pages released)."""
+        reader = _tensor_file(self.weights_file)
+        for key in sorted(reader.shapes()):
+            (tensor,) = reader.get(key)
+            if tensor.is_floating_point():
+                for block in tensor.reshape(-1).split(1 << 24):  # a bounded mask at a time
+                    _finite(block, self.weights_file, key)
+            release_file_pages(tensor)
 
     @property
     def base_model_name(self) -> str | None:

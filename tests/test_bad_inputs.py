@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import expected_ta, load_model_tensors, peft_deltas, run_in_process
+from helpers import expected_ta, invoke_cli, load_model_tensors, peft_deltas, run_in_process
 from safetensors.torch import load_file, save_file
 
 from mergekit_corespace import toy
@@ -288,6 +288,22 @@ def case_negative_weight_with_ties(root, base, adapters, tmp):
     )
 
 
+def _negative_weight(method, weight):
+    def case(root, base, adapters, tmp):
+        return (
+            adapters,
+            {"parameters": f"{{merge: {method}}}", "weights": (1.0, weight)},
+            rf"^models: .*a2 has weight {weight}; merge: {method} takes weighted means",
+        )
+
+    return case
+
+
+for _method, _weight in [("dare_ties", -0.5), ("tsv", -1.0), ("cart", 0.0), ("iso_c", -2.0)]:
+    globals()[f"case_weight_{_weight}_with_{_method}"] = _negative_weight(_method, _weight)
+globals()["case_weight_-0.25_with_iso_cts"] = _negative_weight("iso_cts", -0.25)
+
+
 def case_density_for_a_method_that_ignores_it(root, base, adapters, tmp):
     return (
         adapters,
@@ -322,7 +338,9 @@ def _snapshot(folder):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_clear_error_and_leaves_no_output(good, tmp_path, case):
+def test_bad_input_is_one_clear_error_and_leaves_no_output(good, tmp_path, case, monkeypatch):
+    from mergekit_corespace.glue.staging import ClaimedOutput
+
     root, base, adapters = good
     models, extra, message = CASES[case](root, base, adapters, tmp_path)
     config = _config(
@@ -334,9 +352,22 @@ def test_bad_input_is_one_clear_error_and_leaves_no_output(good, tmp_path, case)
     out = tmp_path / "out"
     existed = out.exists()
     before = _snapshot(out) if existed else None
-    with pytest.raises(CoreSpaceError, match=message):
+    staged = []
+    real_staging = ClaimedOutput.staging
+    monkeypatch.setattr(
+        ClaimedOutput, "staging", lambda self: staged.append(self) or real_staging(self)
+    )
+    with pytest.raises(CoreSpaceError, match=message) as raised:
         run_in_process(config, out)
+    assert "\n" not in str(raised.value)  # one line
+    assert not staged  # found before the merge started writing
     assert (_snapshot(out) == before) if existed else not out.exists()
+    # mergekit-yaml itself: the same line on stderr, no traceback, exit status 1
+    path = tmp_path / "config.yml"
+    path.write_text(config)
+    done = invoke_cli([str(path), str(out), "--no-copy-tokenizer", "--no-write-model-card"])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert str(raised.value) in done.stderr
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
     if not existed:  # and an existing model directory is left exactly as it was
@@ -383,12 +414,17 @@ def test_negative_weight_subtracts_an_adapter_in_task_arithmetic(good, tmp_path)
         assert torch.allclose(tensor.double(), expected[name], atol=1e-6), name
 
 
-def test_an_adapter_listed_twice_is_merged_once_with_its_weights_added(good, tmp_path):
+def test_an_adapter_listed_twice_is_merged_once_with_its_weights_added(good, tmp_path, caplog):
     root, base, adapters = good
-    twice = run_in_process(
-        _config(base, [adapters[0], adapters[1], adapters[0]], "{merge: ties}", (0.5, 1.0, 0.25)),
-        tmp_path / "twice",
-    )
+    with caplog.at_level("WARNING"):
+        twice = run_in_process(
+            _config(
+                base, [adapters[0], adapters[1], adapters[0]], "{merge: ties}", (0.5, 1.0, 0.25)
+            ),
+            tmp_path / "twice",
+        )
+    warned = [r.getMessage() for r in caplog.records if "listed twice" in r.getMessage()]
+    assert warned == [f"{base}+{adapters[0]} is listed twice: merged once with weight 0.75"]
     once = run_in_process(_config(base, adapters, "{merge: ties}", (0.75, 1.0)), tmp_path / "once")
     for name in once:
         assert torch.equal(twice[name], once[name]), name

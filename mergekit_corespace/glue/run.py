@@ -40,6 +40,7 @@ from mergekit_corespace.glue.validation import (
     check_device_options,
     check_models,
     check_parameters,
+    check_plain_weights,
     check_weights,
     combine_duplicates,
     listed_models,
@@ -160,6 +161,7 @@ def validate_run(config, options) -> ValidatedRun:
     base_model = check_models(config)
     check_parameters(config)
     combine_duplicates(config)
+    check_plain_weights(config)
     adapters = {}
     references = dict.fromkeys(model for model in listed_models(config) if model.lora is not None)
     for model in tqdm(references, desc="Checking adapters", disable=options.quiet):
@@ -167,6 +169,7 @@ def validate_run(config, options) -> ValidatedRun:
             model.lora.path, model.lora.revision, cache_dir=options.transformers_cache
         )
         adapters[model] = LoraAdapter.open(directory)
+        adapters[model].check_finite()
         named = adapters[model].base_model_name
         if named and _last_part(named) != _last_part(base_model.model.path):
             LOG.warning(

@@ -190,11 +190,27 @@ def check_weights(
         )
     if parameters.merge in POSITIVE_WEIGHTS:
         for model, weight in zip(models, weights):
-            if weight <= 0:
-                raise CoreSpaceError(
-                    f"models: {model} has weight {weight}; merge: {parameters.merge} takes "
-                    "weighted means and needs positive weights (ta, mean and dare accept any)"
-                )
+            _check_positive(model, weight, parameters.merge)
+
+
+def check_plain_weights(config) -> None:
+    """The per-layer check of :func:`check_weights` for weights given as plain numbers,
+    made before anything is planned or written (per-layer weights are checked as planned)."""
+    merge = (config.parameters or {}).get("merge", "ta")
+    if not isinstance(merge, str) or merge not in POSITIVE_WEIGHTS:
+        return
+    for entry in config.models or ():
+        weight = (entry.parameters or {}).get("weight", 1.0)
+        if entry.model.lora is not None and isinstance(weight, (int, float)):
+            _check_positive(entry.model, weight, merge)
+
+
+def _check_positive(model, weight: float, merge: str) -> None:
+    if weight <= 0:
+        raise CoreSpaceError(
+            f"models: {model} has weight {weight}; merge: {merge} takes weighted means and "
+            "needs positive weights (ta, mean and dare accept any)"
+        )
 
 
 def first_error(error: ValidationError) -> str:
