@@ -1,6 +1,7 @@
 """Merging LoRAs into one LoRA: exact, truncated (Eckart–Young), loadable by PEFT and mergekit."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from helpers import (
     invoke_cli,
     load_model_tensors,
     merge_yaml,
+    peft_deltas,
     relative_error,
     run_cli,
     run_in_process,
@@ -51,7 +53,15 @@ def test_exact_adapter_reproduces_the_merged_model(llama32, tmp_path, merge_meth
         script="mergekit-corespace-lora",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "merged adapter:" in done.stderr and "worst" in done.stderr
+    # the summary line counts the modules written; an exact adapter loses nothing
+    summary = re.search(
+        r"merged adapter: (\d+) modules, rank \S+; relative truncation error worst (\S+) ",
+        done.stderr,
+    )
+    with safe_open(tmp_path / "lora" / "adapter_model.safetensors", "pt") as handle:
+        written = [k for k in handle.keys() if k.endswith("lora_A.weight")]
+    assert summary and int(summary[1]) == len(written) > 0
+    assert float(summary[2]) < 1e-6
 
     applied = _apply_with_peft(base, str(tmp_path / "lora"))
     for name, tensor in merged_model.items():
@@ -194,7 +204,24 @@ def test_truncated_adapter_through_the_cli_reports_its_error(llama32, tmp_path):
         [str(config), str(tmp_path / "lora"), "--rank", "3"], script="mergekit-corespace-lora"
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "rank 3;" in done.stderr
+    # the reported errors are the singular-value tails of Σ wₜ ΔWₜ (PEFT's deltas) at rank 3
+    tails = []
+    for name in set().union(*(peft_deltas(base, a) for a in adapters)):
+        delta = sum(
+            w * peft_deltas(base, a)[name]
+            for a, w in zip(adapters, (1.0, 0.5, 0.8))
+            if name in peft_deltas(base, a)
+        )
+        values = torch.linalg.svdvals(delta.double())
+        tails.append(((values[3:] ** 2).sum().sqrt() / values.norm()).item())
+    summary = re.search(
+        r"merged adapter: (\d+) modules, rank 3; relative truncation error worst (\S+) "
+        r"\(\S+\), mean (\S+) ",
+        done.stderr,
+    )
+    assert summary and int(summary[1]) == len(tails)
+    assert float(summary[2]) == pytest.approx(max(tails), rel=1e-2)
+    assert float(summary[3]) == pytest.approx(sum(tails) / len(tails), rel=1e-2)
     with safe_open(tmp_path / "lora" / "adapter_model.safetensors", "pt") as handle:
         assert all(3 in handle.get_slice(k).get_shape() for k in handle.keys())
     bad = invoke_cli(

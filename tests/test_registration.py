@@ -9,7 +9,7 @@ import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from helpers import BIN, load_model_tensors
+from helpers import BIN, assert_merge_matches, expected_ta, load_model_tensors, peft_deltas
 
 from mergekit_corespace import toy
 
@@ -140,7 +140,7 @@ def test_console_script_registers_where_pth_files_are_skipped(tmp_path):
     )
     assert "Unimplemented merge method core_space" in stock.stderr
     assert ours.returncode == 0, ours.stderr[-2000:]
-    assert load_model_tensors(tmp_path / "out")
+    _assert_is_the_peft_merge(tmp_path / "out", base, adapter)
     assert "--lora-merge-cache" in help_text.stdout
 
 
@@ -213,4 +213,13 @@ def test_wheel_carries_the_hook_into_a_fresh_venv(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert load_model_tensors(tmp_path / "out")
+    _assert_is_the_peft_merge(tmp_path / "out", base, adapter)
+
+
+def _assert_is_the_peft_merge(out, base, adapter):
+    """One adapter at weight 1: the base plus PEFT's own merge_and_unload delta."""
+    changed = set(peft_deltas(base, adapter))
+    assert changed
+    assert_merge_matches(
+        load_model_tensors(out), base, expected_ta(base, [(adapter, 1.0)]), changed, rtol=1e-5
+    )
