@@ -31,7 +31,16 @@ def test_perf_e2e_bench_small(tmp_path):
 
 def test_perf_module_bench_small():
     out = _run("bench/perf/module_bench.py", "--shape", "96x80", "--methods", "ta,ties,tsv")
-    assert all(f"\n{m} " in out for m in ("ta", "ties", "tsv"))
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line.strip()}
+    assert set(rows) == {"ta", "ties", "tsv"}
+    for method, cells in rows.items():  # core, knots, full: seconds and memory, then ratios
+        seconds = [float(cells[i].removesuffix("s")) for i in (0, 2, 4)]
+        assert all(t > 0 for t in seconds) and cells[1].endswith("MiB"), (method, cells)
+        for printed, other in zip(cells[6:8], seconds[1:]):  # knots/core, full/core
+            ratio = float(printed.removesuffix("x"))
+            low = (other - 5e-4) / (seconds[0] + 5e-4)  # the times are rounded to 1 ms
+            high = (other + 5e-4) / max(seconds[0] - 5e-4, 1e-9)
+            assert low - 0.05 <= ratio <= high + 0.05, (method, printed, seconds)
 
 
 def test_perf_precision_bench_small(tmp_path):
@@ -120,7 +129,9 @@ def test_llm_bench_smoke(tmp_path):
         row = saved["rows"][label]
         assert row["chosen"] == {"lambda": 1.0, "density": 0.7}
         same, total = row["adapter_agreement"]
-        assert total == 16 and 0 <= same <= total
+        # the same merge as a model and as an adapter PEFT applies: bf16 rounding apart,
+        # (almost) the same answers
+        assert total == 16 and same >= 12, row["adapter_agreement"]
         assert all(
             len(hits) == 8 and set(hits) <= {"0", "1"} for hits in row["predictions"].values()
         )
