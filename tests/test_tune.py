@@ -290,20 +290,18 @@ def test_logits_at_the_scored_positions_only_score_as_all_logits(setup):
 def test_written_adapter_is_the_one_the_tuner_scored(setup, exact_run):
     """``--merge adapter`` writes the in-memory adapter of the winning point; PEFT loading
     it from disk scores exactly what the tuner reported."""
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
+    from helpers import expected_ta, peft_deltas
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from mergekit_corespace.glue.adapter_output import merged_adapter
-
-    written = load_file(os.path.join(exact_run.merged, "adapter_model.safetensors"))
-    recipe = yaml.safe_load(open(os.path.join(exact_run.out, "best.yml")))
-    config = MergeConfiguration.model_validate(recipe)
-    in_memory = merged_adapter(config, MergeOptions(quiet=True)).export.tensors
-    assert written.keys() == in_memory.keys()
-    assert all(torch.equal(written[k], in_memory[k]) for k in written)
+    # the winner, ta at λ = 1, is ΔW_a + ΔW_b by PEFT's own merge of each adapter
+    assert exact_run.best.point == {"lambda": 1}
+    base, adapters = setup["base"], setup["adapters"]
+    expected = expected_ta(base, [(adapters["a"], 1.0), (adapters["b"], 1.0)])
+    model = PeftModel.from_pretrained(toy.load_model(base, dtype=torch.float64), exact_run.merged)
+    applied = model.merge_and_unload().state_dict()
+    for name in set(peft_deltas(base, adapters["a"])) | set(peft_deltas(base, adapters["b"])):
+        assert torch.allclose(applied[name], expected[name], rtol=0, atol=1e-6), name
     model = PeftModel.from_pretrained(toy.load_model(setup["base"]), exact_run.merged).eval()
     evaluator = Evaluator(
         AutoTokenizer.from_pretrained(setup["base"]), max_new_tokens=ANSWER_TOKENS
