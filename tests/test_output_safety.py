@@ -139,8 +139,14 @@ def _process_start(pid):
 
 
 @pytest.mark.parametrize("second", SCRIPTS)
-def test_a_second_run_on_the_same_output_stops_at_once(llama32, tmp_path, second):
+def test_a_second_run_on_the_same_output_stops_at_once(llama32, tmp_path, second, monkeypatch):
+    from mergekit_corespace.glue import adapter_output, internals
+
     root, base, adapters = llama32
+    validated = []  # "at once": before its config or any adapter is even read
+    for module in (adapter_output, internals):
+        real = module.validate_run
+        monkeypatch.setattr(module, "validate_run", lambda *a, r=real: validated.append(a) or r(*a))
     first_config = _config(tmp_path, base, adapters)
     second_config = _config(tmp_path, base, adapters, weights=(0.2, 0.2, 0.2))
     out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
@@ -159,12 +165,12 @@ def test_a_second_run_on_the_same_output_stops_at_once(llama32, tmp_path, second
     assert rival.returncode != 0
     line = _one_error_line(rival.stderr)
     assert f"{out}: another merge is writing it (pid {first.pid} on " in line, line
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 60 and not validated
     go.touch()
     assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
     assert _leftovers(tmp_path) == []
     reference = invoke_cli(_args(first_config, tmp_path / "reference", "mergekit-yaml"))
-    assert reference.returncode == 0
+    assert reference.returncode == 0 and validated  # the spy sees a run that gets that far
     assert _output_files(out) == _output_files(tmp_path / "reference")
 
 
