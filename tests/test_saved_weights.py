@@ -189,7 +189,7 @@ def _peak_allocated(run) -> int:
 
 
 @pytest.mark.parametrize("method", ["ta", "ties", "dare_ties", "tsv", "cart", "iso_cts"])
-def test_a_saved_vocabulary_matrix_merges_in_about_one_block_per_adapter(
+def test_a_saved_vocabulary_matrix_merges_in_a_few_blocks_per_adapter(
     tmp_path, monkeypatch, method
 ):
     monkeypatch.setattr(dense, "BLOCK_ELEMENTS", 1 << 16)  # 512 KiB per adapter in float64
@@ -208,7 +208,10 @@ def test_a_saved_vocabulary_matrix_merges_in_about_one_block_per_adapter(
     assert _peak_allocated(whole) > deltas  # as every method merged them before
     peak = _peak_allocated(blocked)
     # the output, and T blocks times the method's temporaries of them
-    assert peak < output + 16 * 3 * (1 << 16) * 8, f"{peak / 2**20:.1f} MiB"
+    # the output, and per adapter a few blocks of the method's temporaries (measured: 5.0
+    # for tsv to 8.8 for iso_cts; each whole delta would be 64 blocks)
+    blocks = (peak - output) / (3 * (1 << 16) * 8)
+    assert blocks < 10, f"{peak / 2**20:.1f} MiB: {blocks:.1f} blocks per adapter"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="madvise and /proc are Linux's")
