@@ -191,6 +191,33 @@ def test_no_space_while_writing_is_one_line_and_the_old_output_stays(llama32, tm
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_safetensors_own_no_space_error_is_one_line(llama32, tmp_path, monkeypatch, script):
+    """The error safetensors raises when the kernel says ENOSPC (a SafetensorError whose
+    text ends in Rust's ``(os error 28)``), without a disk to fill: the real-disk test
+    below needs root to mount one."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from mergekit_corespace import lora_export
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(lora_export, "save_file", full_disk)
+    root, base, adapters = llama32
+    out = tmp_path / "out"
+    done = invoke_cli(_args(_config(tmp_path, base, adapters), out, script), script=script)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    line = _one_error_line(done.stderr)
+    assert f"Error: {out}: no space left on device while writing the merge (" in line, line
+    assert "os error 28" in line and "out was not created" in line
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
 @pytest.fixture()
 def small_disk(tmp_path):
     """Mount point factory for a small tmpfs; unmounted afterwards."""
