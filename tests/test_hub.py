@@ -344,3 +344,33 @@ def test_hub_named_base_offline_names_the_snapshot_to_write_instead(offline, tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert _weights(out) == _weights(local_out)
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_cache(tmp_path, llama32):
+    """Online, an adapter id in no cache and a Hub that refuses connections (a closed
+    local port): one line that says the Hub cannot be reached, for both scripts."""
+    import socket
+
+    root, base, adapters = llama32
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
+    runs = _error_runs(tmp_path, base, adapters[0], env, ["someorg/lora-z"], SCRIPTS)
+    for script in SCRIPTS:
+        done, out, folder = runs["someorg/lora-z", script]
+        _assert_one_line_error(
+            done,
+            out,
+            folder,
+            "someorg/lora-z: no such local directory, not in the Hugging Face cache (",
+            "and the Hub cannot be reached (",
+        )
