@@ -312,6 +312,23 @@ def case_density_for_a_method_that_ignores_it(root, base, adapters, tmp):
     )
 
 
+def case_global_ties_with_a_weight_saved_whole(root, base, adapters, tmp):
+    saving = toy.save_lora_adapter(
+        base,
+        str(tmp / "saving"),
+        r=4,
+        seed=5,
+        target_modules=["q_proj"],
+        modules_to_save=["lm_head"],
+    )
+    return (
+        [adapters[0], saving],
+        {"parameters": "{merge: ties, ties_scope: global}"},
+        r"^parameters\.ties_scope: global is not supported with adapters that save whole "
+        r"weights \(modules_to_save; lm_head\.weight\); use ties_scope: module$",
+    )
+
+
 def case_output_is_a_folder_that_is_not_a_model(root, base, adapters, tmp):
     (tmp / "out").mkdir()
     (tmp / "out" / "notes.txt").write_text("mine")

@@ -133,10 +133,7 @@ class ValidatedRun:
             for name in weight_names:
                 present = [(m, self.parts[m][name]) for m in ordered if name in self.parts[m]]
                 if any(len(parts) > 1 or isinstance(parts[0], DenseWeight) for _, parts in present):
-                    raise CoreSpaceError(
-                        f"parameters.ties_scope: global is not supported with adapters that "
-                        f"save whole weights (modules_to_save; {name}); use ties_scope: module"
-                    )
+                    raise _no_global_ties(name)
                 modules.append(tuple((adapter_order.index(m), parts[0]) for m, parts in present))
             self.thresholds = TiesThresholdsTask(
                 space=self.space,
@@ -203,7 +200,19 @@ def validate_run(config, options) -> ValidatedRun:
             dense = adapter.dense[name]
             checkpoint.check_shape(dense.delta_shape, weight_name, f"{dense.file}: {dense.key}")
             run.parts[model][weight_name] = (*run.parts[model].get(weight_name, ()), dense)
+    if (config.parameters or {}).get("ties_scope") == "global":  # found before planning
+        for parts in run.parts.values():
+            for name, contributions in parts.items():
+                if any(isinstance(part, DenseWeight) for part in contributions):
+                    raise _no_global_ties(name)
     return run
+
+
+def _no_global_ties(weight_name: str) -> CoreSpaceError:
+    return CoreSpaceError(
+        "parameters.ties_scope: global is not supported with adapters that save whole "
+        f"weights (modules_to_save; {weight_name}); use ties_scope: module"
+    )
 
 
 def _last_part(path: str) -> str:
