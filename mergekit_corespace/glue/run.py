@@ -56,6 +56,11 @@ LOG = logging.getLogger(__name__)
 ParameterResolver = Callable[[], tuple[Mapping[str, Any], Mapping[ModelReference, Mapping]]]
 
 
+# A tensor's safetensors header entry beyond its base weight's name: the key's PEFT prefix
+# and suffix, dtype, shape and two 20-digit offsets in JSON.
+_HEADER_ENTRY_BYTES = 160
+
+
 @dataclass
 class ValidatedRun:
     """What one validated run knows: its adapters and what each changes in which weight."""
@@ -108,16 +113,18 @@ class ValidatedRun:
 
     def adapter_output_bytes(self, itemsize: int, rank: int | None = None) -> int:
         """At most what a merged adapter takes: per module, rank ≤ Σ rₜ of the adapters on
-        it (or ``rank``) times (m + n) entries; weights saved whole at their full size."""
+        it (or ``rank``) times (m + n) entries; weights saved whole at their full size; and
+        each tensor's entry in the safetensors header (its key, dtype, shape, offsets)."""
         total = 1 << 12  # adapter_config.json
         for weight_name in dict.fromkeys(name for parts in self.parts.values() for name in parts):
             parts = [p for adapter in self.parts.values() for p in adapter.get(weight_name, ())]
+            header = len(weight_name) + _HEADER_ENTRY_BYTES
             if any(isinstance(part, DenseWeight) for part in parts):
-                total += math.prod(parts[0].delta_shape) * itemsize
+                total += math.prod(parts[0].delta_shape) * itemsize + header
                 continue
             m, n = parts[0].delta_shape
             bound = min(sum(part.rank for part in parts), m, n, rank or m)
-            total += bound * (m + n) * itemsize
+            total += bound * (m + n) * itemsize + 2 * header  # lora_A and lora_B
         return total
 
     def _thresholds_task(
