@@ -158,3 +158,57 @@ def test_a_written_adapter_of_mixed_ranks_is_read_by_peft_at_scale_one(llama32, 
             assert module.scaling["default"] == 1.0, name
             assert module.lora_A["default"].weight.shape[0] == module.r["default"], name
     assert seen == ranks
+
+
+def _head_and_backbone(root):
+    """A tiny BertModel and the same weights under a sequence-classification head
+    (``bert.``-prefixed), each saved as a model of its own."""
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    backbone = toy.save_tiny_model(str(root / "backbone"), "bert")
+    config = AutoConfig.from_pretrained(backbone, num_labels=3)
+    config.architectures = ["BertForSequenceClassification"]
+    torch.manual_seed(0)
+    head = BertForSequenceClassification(config)
+    head.bert.load_state_dict(toy.load_model(backbone).state_dict())
+    head.save_pretrained(root / "head")
+    return backbone, str(root / "head")
+
+
+def _adapter_deltas(adapter) -> dict[str, torch.Tensor]:
+    """``α/r · B A`` per PEFT module path, straight from the adapter's files."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as handle:
+        keys = [k for k in handle.keys() if k.endswith("lora_A.weight")]
+        return {
+            key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): scale
+            * handle.get_tensor(key.replace("lora_A", "lora_B")).double()
+            @ handle.get_tensor(key).double()
+            for key in keys
+        }
+
+
+def test_adapters_of_a_task_head_and_of_a_bare_backbone_merge_into_either(tmp_path):
+    """README: adapters trained on a task head (``bert.encoder…``) or on a bare backbone
+    (``encoder…``) merge into either base, each delta onto the weight it was trained on."""
+    backbone, head = _head_and_backbone(tmp_path)
+    trained_on_head = toy.save_lora_adapter(head, str(tmp_path / "on-head"), r=4, seed=1)
+    trained_on_backbone = toy.save_lora_adapter(backbone, str(tmp_path / "on-bb"), r=4, seed=2)
+    deltas = {}
+    for adapter in (trained_on_head, trained_on_backbone):
+        for module, delta in _adapter_deltas(tmp_path / adapter.rsplit("/", 1)[1]).items():
+            backbone_name = module.removeprefix("bert.") + ".weight"
+            deltas[backbone_name] = deltas.get(backbone_name, 0) + delta
+    assert any(".query" in name for name in deltas) and len(deltas) > 8
+    for base, prefix in ((backbone, ""), (head, "bert.")):
+        text = merge_yaml(base, [trained_on_head, trained_on_backbone], (1.0, 1.0))
+        merged = run_in_process(text, tmp_path / f"into-{prefix or 'backbone'}")
+        base_tensors = load_model_tensors(base)
+        for name, tensor in merged.items():
+            key = name.removeprefix(prefix)
+            if key in deltas:
+                actual = tensor.double() - base_tensors[name].double()
+                assert relative_error(actual, deltas[key]) < 1e-5, name
+            else:
+                assert torch.equal(tensor, base_tensors[name]), name
