@@ -20,6 +20,7 @@ from typing import Any
 
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Evaluation
+from mergekit_corespace.task_files import file_digest
 
 # lm-eval's standard errors: closed form for means (accuracy), bootstrapped for the rest
 BOOTSTRAP_ITERS = 1000
@@ -157,8 +158,7 @@ def _digest(task) -> str:
     paths = [data_files] if isinstance(data_files, str) else list(_strings(data_files))
     for path in paths:
         if os.path.isfile(path):
-            with open(path, "rb") as handle:
-                digest.update(hashlib.sha256(handle.read()).digest())
+            digest.update(bytes.fromhex(file_digest(path)))
     return digest.hexdigest()
 
 

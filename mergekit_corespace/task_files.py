@@ -17,6 +17,7 @@ A task is scored with one metric (:mod:`mergekit_corespace.evaluate`); ``auto`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -167,3 +168,12 @@ def check_tokenizer(tasks: Sequence[Task], tokenizer, model_path: str) -> None:
                     f"{task.path}:{example.line}: a chat example (`messages`) needs a chat "
                     f"template, and the tokenizer of {model_path} has none"
                 )
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file, read in blocks: task files, lm-eval data files, a base's files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

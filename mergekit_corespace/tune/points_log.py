@@ -13,6 +13,7 @@ from typing import Any
 
 from mergekit_corespace.errors import CoreSpaceError
 from mergekit_corespace.evaluate import Task
+from mergekit_corespace.task_files import file_digest
 from mergekit_corespace.tune.grid import point_key
 
 LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
@@ -125,11 +126,3 @@ def fingerprint(recipe, run, tasks: Sequence[Task], settings: Mapping[str, Any])
     for task in tasks:
         add([task.name, task.metric, file_digest(task.path)])
     return digest.hexdigest()[:16]
-
-
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
