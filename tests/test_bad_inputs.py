@@ -3,6 +3,7 @@ directory that looks like a finished model, nor any change to an existing one.""
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -377,6 +378,8 @@ def test_bad_input_is_one_clear_error_and_leaves_no_output(good, tmp_path, case,
     with pytest.raises(CoreSpaceError, match=message) as raised:
         run_in_process(config, out)
     assert "\n" not in str(raised.value)  # one line
+    # anchored: the message starts with what it names (a path may precede the file name)
+    assert re.match(r"(?:\S*/)?(?:" + message.removeprefix("^") + ")", str(raised.value))
     assert not staged  # found before the merge started writing
     assert (_snapshot(out) == before) if existed else not out.exists()
     # mergekit-yaml itself: the same line on stderr, no traceback, exit status 1
