@@ -105,10 +105,42 @@ def _tune_command():
     @click.option(
         "--grid",
         multiple=True,
-        metavar="NAME=V1,V2 ...",
-        help="values of top-level parameters (and merge_method) to try, e.g. "
-        "'lambda=0.5,1,2 merge=ta,ties density=0.3,0.7'; repeatable "
+        metavar="NAME=V1,V2|LOW:HIGH[:log] ...",
+        help="values of top-level parameters, merge_method and weight (one dimension per "
+        "adapter) to try, e.g. 'lambda=0.5,1,2 merge=ta,ties density=0.3,0.7', or ranges for "
+        "a tpe/cmaes search, e.g. 'lambda=0.05:3:log weight=0:2'; repeatable "
         "[default: lambda=0.25,0.5,0.75,1,1.5]",
+    )
+    @click.option(
+        "--search",
+        type=click.Choice(["grid", "tpe", "cmaes"]),
+        default="grid",
+        show_default=True,
+        help="every point of the grid, or --trials points drawn by Optuna's TPE or CMA-ES "
+        "sampler (seeded by --random-seed)",
+    )
+    @click.option("--trials", type=int, help="the trials of a tpe or cmaes search [default: 40]")
+    @click.option(
+        "--prune",
+        is_flag=True,
+        help="score each trial on the first third of every task file first; stop it there "
+        "when below the median of earlier trials",
+    )
+    @click.option(
+        "--holdout-fraction",
+        type=float,
+        metavar="F",
+        help="keep this share of each task file's examples out of the search; score the "
+        "winner and two runners-up on them, with 95%% intervals",
+    )
+    @click.option(
+        "--storage",
+        metavar="URL|FILE",
+        help="the Optuna study's storage, shared by workers running the same command: a "
+        "database URL (sqlite:///tune.db) or a journal file [default: OUT/study.journal]",
+    )
+    @click.option(
+        "--study-name", help="the study's name in --storage [default: mergekit-corespace-tune]"
     )
     @click.option(
         "--metric",
@@ -156,14 +188,19 @@ def _tune_command():
         help="the task's own adapter (as the recipe names it, its path, or its directory name) "
         "where names do not match; repeatable [default: the adapter named TASK]",
     )
-    @click.option("--fresh", is_flag=True, help="discard the points a previous run in OUT scored")
+    @click.option(
+        "--fresh",
+        is_flag=True,
+        help="discard the study an earlier run in OUT (or --storage) scored",
+    )
     @add_merge_options
     def tune(
         merge_options: MergeOptions, config_file, data, tasks, include_path, limit, grid, metric,
         out, merge, score_as, normalise, **settings,
     ):  # fmt: skip
-        """Score a merge recipe's grid points on your own validation data; write the table,
-        a plot, the winning recipe (and with --merge, the merge itself)."""
+        """Score a merge recipe's grid points (or search its settings with Optuna) on your
+        own validation data; write the table, plots, the winning recipe (and with --merge,
+        the merge itself)."""
         from mergekit_corespace.errors import CoreSpaceError
         from mergekit_corespace.tune import tune as run_tune
 
@@ -194,13 +231,19 @@ def _tune_command():
             stop=[_unescape(text) for text in settings["stop"]] or None,
             task_adapter=_pairs("--task-adapter", settings["task_adapter"]),
             fresh=settings["fresh"],
+            search=settings["search"],
+            trials=settings["trials"],
+            prune=settings["prune"],
+            holdout_fraction=settings["holdout_fraction"],
+            storage=settings["storage"],
+            study_name=settings["study_name"],
             progress=not merge_options.quiet,
             merge_options=merge_options,
         )
         click.echo(result.table())
         click.echo(
             f"\nwritten to {result.out}: results.csv, results.json, predictions.jsonl, "
-            "score_vs_lambda.png, best.yml"
+            "score_vs_lambda.png, optimization_history.png, best.yml"
         )
         if result.merged:
             click.echo(f"winning merge ({merge}): {result.merged}")

@@ -66,6 +66,7 @@ __all__ = [  # the task files' names too: one module to import for an evaluation
     "Metric",
     "Task",
     "check_tokenizer",
+    "joined",
     "mean_stderr",
     "normalise",
     "normalised_score",
@@ -82,6 +83,14 @@ class Evaluation:
     score: float
     stderr: float | None
     examples: list[dict]
+
+
+def joined(parts: Sequence[Evaluation]) -> Evaluation:
+    """One evaluation of a task scored in parts (its examples in order): the mean and
+    standard error over all of their examples."""
+    examples = [example for part in parts for example in part.examples]
+    values = [float(e["hit"]) if "hit" in e else e["loglik"] for e in examples]
+    return Evaluation(sum(values) / len(values), mean_stderr(values), examples)
 
 
 def mean_stderr(values: Sequence[float]) -> float | None:
@@ -205,7 +214,8 @@ class Evaluator:
                     )
 
     def _encode(self, task: Task) -> _Encoded:
-        key = (task.path, task.metric)  # choice encodes every choice, the others the answer
+        # choice encodes every choice, the others the answer; a part of a task is its own
+        key = (task.path, task.metric, tuple(example.line for example in task.examples))
         if key not in self._encoded:
             contexts, candidates, answers, prompts = [], [], [], []
             for example in task.examples:

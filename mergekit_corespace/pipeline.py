@@ -170,8 +170,8 @@ def merge_module(
     ``merge_factors``). Where some adapter saved the weight whole, the T dense deltas are
     merged in row blocks instead (:mod:`mergekit_corespace.dense`), never all in memory.
 
-    ``scaled=False``: before λ. ``spaces``: KnOTS spaces kept across merges of the same
-    adapters, under the weight's ``name``."""
+    ``scaled=False``: before λ. ``spaces``: core and KnOTS spaces kept across merges of
+    the same adapters, under the weight's ``name``."""
     saved = any(isinstance(p, DenseWeight) for parts in contributions for p in parts)
     lambda_ = parameters.lambda_ if scaled else 1.0
     if saved and dense.streams(parameters, tuple(base.shape), len(contributions)):
@@ -183,10 +183,10 @@ def merge_module(
         inputs = read_inputs(contributions, parameters, device, base, views, space)
         return task_space(inputs, parameters, space)
 
-    if spaces is not None and space == "knots" and not saved:
+    if spaces is not None and space in ("core", "knots") and not saved:
         dtype = compute_dtype(parameters, space, device)
-        key = (name, parameters.knots_scale_tasks, dtype, str(device))
-        chosen = spaces.get(key, build)
+        scaled_tasks = parameters.knots_scale_tasks if space == "knots" else None
+        chosen = spaces.get((name, space, scaled_tasks, dtype, str(device)), build)
     else:
         chosen = build()
     return merged_in(chosen, weights, parameters, seed, thresholds).scaled(lambda_)
@@ -213,11 +213,12 @@ def merged_in(chosen, weights, parameters, seed, thresholds) -> MergedDelta:
 
 
 class SpaceCache:
-    """KnOTS spaces of modules, kept from one merge of the same adapters to the next (the
-    tuner's grid points). Their SVD of the concatenated dense deltas is most of a KnOTS
-    merge's time and does not depend on the inner method, density or λ; core spaces cost
-    little to rebuild and full-space tasks are too large to keep. Holds at most
-    ``max_bytes``; modules past that are rebuilt each time."""
+    """Core and KnOTS spaces of modules, kept from one merge of the same adapters to the
+    next (the tuner's points). A KnOTS space's SVD of the concatenated dense deltas is most
+    of a KnOTS merge's time; a core space's bases and unweighted cores save reading the
+    factors again. Neither depends on the inner method, its settings, the adapters'
+    weights or λ; full-space tasks are too large to keep. Holds at most ``max_bytes``;
+    modules past that are rebuilt each time."""
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes = max_bytes
@@ -228,7 +229,8 @@ class SpaceCache:
         chosen = self.spaces.get(key)
         if chosen is None:
             chosen = build()
-            size = sum(t.numel() * t.element_size() for t in (chosen.u, chosen.s, *chosen.tasks))
+            tensors = [v for v in vars(chosen).values() if isinstance(v, torch.Tensor)]
+            size = sum(t.numel() * t.element_size() for t in [*tensors, *chosen.tasks])
             if self.bytes + size <= self.max_bytes:
                 self.spaces[key] = chosen
                 self.bytes += size

@@ -144,8 +144,8 @@ def _imported_names(source: str) -> set[str]:
 @pytest.mark.parametrize(
     "name",
     ["tune", "TuneResult", "Row", "PointTimes", "parse_grid", "grid_points", "point_recipe",
-     "lambda_groups", "at_grid_edge", "label", "DEFAULT_GRID", "GRID_KEYS", "SPACES",
-     "LOG_FILE", "FORMAT"],
+     "lambda_groups", "at_grid_edge", "label", "DEFAULT_GRID", "GRID_KEYS", "SPACES", "STUDY_FILE",
+     "SEARCHES", "Range", "FORMAT"],
 )  # fmt: skip
 def test_the_tuners_public_names_import_as_before(name):
     import mergekit_corespace.tune as package

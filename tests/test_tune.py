@@ -10,6 +10,7 @@ arithmetic with λ = 1 reproduces them exactly and other λ do not.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -378,11 +379,12 @@ def test_a_task_without_an_adapter_is_scored_and_the_outputs_agree(loglik_run):
         assert p["scores"]["extra"] == p["scores"]["a"]  # the same examples
         assert p["average"] == pytest.approx(sum(p["scores"].values()) / 3)
     assert summary["best"] == max(points, key=lambda p: p["average"])
-    rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(points)
-    for line, p in zip(rows[1:], points):
-        cells = line.split(",")
-        assert [float(c) for c in cells[3:6]] == [p["scores"][t] for t in ("a", "b", "extra")]
+    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    assert len(rows) == len(points)
+    for row, p in zip(rows, points):
+        assert [float(row[t]) for t in ("a", "b", "extra")] == [
+            p["scores"][t] for t in ("a", "b", "extra")
+        ]
     assert (out / "score_vs_lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| lambda | merge | density | a (loglik) | b (loglik) | extra (loglik)" in output
     assert " *" in output and "Best by average" in output
@@ -449,7 +451,10 @@ BAD_OPTIONS = {
     "grid without values": (["--grid", "lambda"], "--grid lambda: expected NAME=VALUE"),
     "grid empty value": (["--grid", "lambda=1,,2"], "--grid lambda=1,,2: expected NAME=VALUE"),
     "unknown grid parameter": (["--grid", "lamda=1"], "--grid lamda=1: unknown parameter 'lamda'"),
-    "per-adapter grid parameter": (["--grid", "weight=1"], "weight is a per-adapter parameter"),
+    "range in a grid": (["--grid", "weight=0:2"], "--grid weight=0.0:2.0: a range is searched"),
+    "trials of a grid": (["--trials", "3"], "--trials 3: a grid scores each of its 5 points"),
+    "no trials": (["--search", "tpe", "--trials", "0"], "--trials 0: must be at least 1"),
+    "holdout fraction": (["--holdout-fraction", "1"], "--holdout-fraction 1.0: must lie between"),
     "grid key twice": (["--grid", "lambda=1", "--grid", "lambda=2"], "lambda is given twice"),
     "bad grid value": (
         ["--grid", "merge=ties density=1.5"],
@@ -544,6 +549,14 @@ class _Stop(Exception):
     pass
 
 
+def _study(out):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    return optuna.load_study(study_name="mergekit-corespace-tune", storage=storage)
+
+
 def test_interrupted_run_resumes_with_only_the_remaining_points(setup, tmp_path):
     grid = ["lambda=0.5,1,2 merge=ta,mean"]
     run = dict(metric="loglik", progress=False)
@@ -557,10 +570,9 @@ def test_interrupted_run_resumes_with_only_the_remaining_points(setup, tmp_path)
     out = tmp_path / "resumed"
     with pytest.raises(_Stop):
         tune(setup["recipe"], setup["data"], grid, out=out, on_point=stop_after_two, **run)
-    log = (out / "points.jsonl").read_text().splitlines()
-    assert len(log) == 2 + 2  # the two references, then the two points
-    with open(out / "points.jsonl", "a") as handle:
-        handle.write('{"fingerprint": "cut in the midd')  # a write the interruption cut
+    study = _study(out)
+    assert [t.state.name for t in study.get_trials()][:2] == ["COMPLETE", "COMPLETE"]
+    assert sorted(study.user_attrs) == ["fingerprint", "reference:search:a", "reference:search:b"]
     scored_again = []
     resumed = tune(
         setup["recipe"],
@@ -570,8 +582,9 @@ def test_interrupted_run_resumes_with_only_the_remaining_points(setup, tmp_path)
         on_point=lambda row, times: scored_again.append(row.point),
         **run,
     )
-    remaining = [p for p in grid_points(parse_grid(grid), {}) if p not in scored]
-    assert scored_again == [p for group in lambda_groups(remaining) for p in group]
+    # the rest of the queue, λ group by λ group (one merge per method)
+    queue = [p for group in lambda_groups(grid_points(parse_grid(grid), {})) for p in group]
+    assert scored_again == [p for p in queue if p not in scored]
     fresh = tune(setup["recipe"], setup["data"], grid, out=tmp_path / "fresh", **run)
     for name in ("results.csv", "results.json", "best.yml"):
         assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
@@ -600,7 +613,7 @@ def test_a_log_of_another_recipe_is_refused_and_fresh_starts_over(setup, tmp_pat
         str(tmp_path / "other.yml"),
         open(setup["recipe"]).read().replace("{merge: ta}", "{merge: ta, precision: float32}"),
     )
-    with pytest.raises(CoreSpaceError, match=r"points.jsonl:1: scored for another recipe"):
+    with pytest.raises(CoreSpaceError, match=r"study.journal: study \S+ was scored for another"):
         tune(other, setup["data"], ["lambda=1"], **run)
     scored = []
     tune(
@@ -613,7 +626,7 @@ def test_a_log_of_another_recipe_is_refused_and_fresh_starts_over(setup, tmp_pat
     )
     assert len(scored) == 1
     # scored as the merged adapter: another log (a model and an adapter score apart)
-    with pytest.raises(CoreSpaceError, match=r"points.jsonl:1: scored for another recipe"):
+    with pytest.raises(CoreSpaceError, match=r"study.journal: study \S+ was scored for another"):
         tune(other, setup["data"], ["lambda=1"], score_as="adapter", **run)
 
 
@@ -660,7 +673,7 @@ def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, tmp_pat
 
     options, spaces = MergeOptions(quiet=True, random_seed=3), SpaceCache()
     factored_merge(config(1.0, "ta"), options, spaces=spaces)  # fills the cache
-    assert (len(spaces.spaces) > 0) == (space == "knots")
+    assert (len(spaces.spaces) > 0) == (space in ("knots", "core_space"))
     merged = factored_merge(config(1.0), options, spaces=spaces)
     for lam in (0.5, 2, -1.5):
         fresh = merged_adapter(config(lam), options).export.tensors
@@ -671,6 +684,12 @@ def test_one_merge_scaled_per_lambda_is_a_fresh_merge_bit_for_bit(setup, tmp_pat
     two = merged.adapter(2.0).export.tensors
     name = next(k for k in one if k.endswith("lora_B.weight"))
     assert torch.allclose(two[name], 2 * one[name]) and one[name].abs().max() > 0
+    # the cached spaces hold unweighted tasks: other weights give a fresh merge's adapter
+    weighted = config(1.0, **{"weight[a]": 2.0, "weight[b]": 0.5})
+    cached = factored_merge(weighted, options, spaces=spaces).adapter(1.0).export.tensors
+    fresh = merged_adapter(weighted, options).export.tensors
+    assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
+    assert not torch.allclose(fresh[name], one[name])
     if space == "knots":  # the cache keeps S·Vₜ and Vₜ tasks apart
         unscaled = config(1.0, knots_scale_tasks=False)
         cached = factored_merge(unscaled, options, spaces=spaces).adapter(1.0).export.tensors
@@ -933,7 +952,9 @@ def test_the_plot_draws_each_methods_scores_against_lambda_and_stars_the_winner(
         for p, v in points
     ]
     result = TuneResult("out", {"t": "exact"}, {"t": 0.5}, rows, rows[1], "normalised average", "")
-    plan = SimpleNamespace(recipe={"parameters": {"merge": "ta"}}, config_path="r.yml")
+    plan = SimpleNamespace(
+        recipe={"parameters": {"merge": "ta"}}, config_path="r.yml", search="grid"
+    )
     path = tmp_path / "plot.png"
     plot_score_vs_lambda(plan, result, str(path))
     assert drawn == {
@@ -975,5 +996,5 @@ def test_a_log_scored_before_an_upgrade_or_a_tokenizer_change_is_refused(
             "version",
             lambda name: "9.9.9" if name == "mergekit-corespace" else real(name),
         )
-    with pytest.raises(CoreSpaceError, match=r"points.jsonl:1: scored for another recipe"):
+    with pytest.raises(CoreSpaceError, match=r"study.journal: study \S+ was scored for another"):
         tune(recipe, setup["data"], ["lambda=1"], **run)

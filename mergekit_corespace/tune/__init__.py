@@ -1,9 +1,11 @@
-"""Grid search of a merge's top-level parameters on the user's own validation data
-(``mergekit-corespace-tune``; :func:`tune` from Python).
+"""Search of a merge's settings on the user's own validation data
+(``mergekit-corespace-tune``; :func:`tune` from Python): every point of a grid, or trials
+drawn by TPE or CMA-ES (Optuna) from values and ranges of top-level parameters,
+``merge_method`` and per-adapter weights.
 
-The base model is loaded once. Each grid point is the user's recipe with some top-level
-``parameters`` (and ``merge_method``) replaced; it is merged in memory and scored on every
-task file by :mod:`mergekit_corespace.evaluate`, as one of:
+The base model is loaded once. Each point is the user's recipe with some settings
+replaced; it is merged in memory and scored on every task by
+:mod:`mergekit_corespace.evaluate` (or lm-eval), as one of:
 
 - ``model`` (the default): the merged weights written into the loaded base by the code of
   ``mergekit-yaml`` (:func:`~mergekit_corespace.glue.adapter_output.merged_weights`): the
@@ -13,40 +15,49 @@ task file by :mod:`mergekit_corespace.evaluate`, as one of:
   (:func:`~mergekit_corespace.glue.adapter_output.factored_merge`), put on with PEFT next
   to the previous point's adapter, which is then deleted.
 
-Points that differ only in λ share one merge (λ scales the merged delta last, so the
-scaled delta is bit for bit a fresh merge's), and KnOTS points share each module's KnOTS
-space (its SVD is most of a KnOTS merge's time).
+A point that differs from the one before only in λ reuses its merge (λ scales the merged
+delta last, so the scaled delta is bit for bit a fresh merge's), and every point reuses
+each module's core or KnOTS space (KnOTS's SVD is most of a KnOTS merge's time; the core
+space's unweighted cores do not depend on the weights drawn).
 
 Task files are matched to adapters by name: ``DIR/nli.jsonl`` is the task of the adapter
 whose directory (or Hub repository) is named ``nli``. Its score with that adapter alone is
 the task's reference, and scores divided by it are the normalised scores.
 
-Every scored point is appended to ``OUT/points.jsonl`` with a fingerprint of everything
-that decides its scores (recipe, adapters, base, task files, metrics, evaluation
-settings), so an interrupted run resumes where it stopped; a log with another fingerprint
-is refused (``fresh=True`` starts over).
+Every scored trial is kept in an Optuna study (``OUT/study.journal``, or ``storage``
+shared by workers) under a fingerprint of everything that decides its scores (recipe,
+adapters, base, task files, metrics, evaluation settings), so an interrupted run resumes
+where it stopped; a study with another fingerprint is refused (``fresh=True`` starts over).
 
 One file per job, in the order a run uses them:
 
-- ``grid.py`` — ``--grid`` parsed; its points; a point ↔ its recipe; λ groups; grid edges.
+- ``grid.py`` — ``--grid`` parsed (values, ranges, weights); a grid's points; a point ↔
+  its recipe; grid edges.
+- ``search.py`` — the sampler (grid, TPE, CMA-ES), the pruner, a trial's point.
 - ``plan.py`` — everything checked before any work: recipe, points, tasks ↔ adapters,
-  tokenizer, fingerprint.
-- ``points_log.py`` — ``points.jsonl`` and the fingerprint that makes resuming safe.
-- ``session.py`` — the loaded base; one point's merge put into it and scored.
+  held-out examples, tokenizer, fingerprint.
+- ``fingerprint.py`` — the fingerprint that makes resuming and sharing safe.
+- ``study.py`` — the Optuna study: storage, fingerprint check, references, trial records.
+- ``session.py`` — the loaded base; one point's merge put into it.
+- ``trials.py`` — the objective (a trial scored, pruned after its first part) and the
+  loop that runs trials until the study holds as many as asked.
 - ``results.py`` — the result types: a point's row, its times, the whole result.
 - ``selection.py`` — scores made rows (normalised), and the winner chosen.
+- ``holdout.py`` — the winner and runners-up scored on held-out examples.
 - ``report.py`` — the Markdown table, ``results.csv``, ``results.json``, ``best.yml``.
-- ``plot.py`` — ``score_vs_lambda.png``.
+- ``plot.py`` — ``score_vs_lambda.png`` and Optuna's plots of the study.
 - ``run.py`` — :func:`tune`: the steps above in order, and the final merge.
 """
 
 import sys
 import types
 
+from mergekit_corespace.tune.fingerprint import FORMAT
 from mergekit_corespace.tune.grid import (
     DEFAULT_GRID,
     GRID_KEYS,
     SPACES,
+    Range,
     at_grid_edge,
     grid_points,
     label,
@@ -54,17 +65,20 @@ from mergekit_corespace.tune.grid import (
     parse_grid,
     point_recipe,
 )
-from mergekit_corespace.tune.points_log import FORMAT, LOG_FILE
 from mergekit_corespace.tune.results import PointTimes, Row, TuneResult
 from mergekit_corespace.tune.run import tune
+from mergekit_corespace.tune.search import SEARCHES
+from mergekit_corespace.tune.study import STUDY_FILE
 
 __all__ = [
     "DEFAULT_GRID",
     "FORMAT",
     "GRID_KEYS",
-    "LOG_FILE",
+    "SEARCHES",
     "SPACES",
+    "STUDY_FILE",
     "PointTimes",
+    "Range",
     "Row",
     "TuneResult",
     "at_grid_edge",

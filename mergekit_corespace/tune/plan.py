@@ -4,6 +4,8 @@ fingerprint. Every bad input stops here, before anything is loaded or written.""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,26 +24,34 @@ from mergekit_corespace.evaluate import (
 )
 from mergekit_corespace.generation import max_positions
 from mergekit_corespace.harness import HarnessTasks
+from mergekit_corespace.tune.fingerprint import fingerprint
 from mergekit_corespace.tune.grid import (
     SPACES,
     check_every_value_is_read,
     grid_points,
     label,
     parse_grid,
+    point_key,
     point_recipe,
 )
-from mergekit_corespace.tune.points_log import fingerprint
+from mergekit_corespace.tune.search import (
+    FIRST_PART,
+    check_search,
+    corner_points,
+    search_space,
+)
 
 
 @dataclass
 class Plan:
-    """Everything checked before any work: recipe, points, tasks, tokenizer, fingerprint."""
+    """Everything checked before any work: recipe, points (or the space a search draws
+    them from), tasks, tokenizer, fingerprint."""
 
     config_path: str
     recipe: dict[str, Any]
-    points: list[dict[str, Any]]
-    configs: list[Any]  # mergekit MergeConfiguration per point
-    tasks: list[Task]
+    points: list[dict[str, Any]]  # a grid's points; none for a sampled search
+    configs: dict[str, Any]  # mergekit MergeConfiguration per point key (those validated)
+    tasks: list[Task]  # what points are scored on (less the held-out examples)
     own_adapters: dict[str, str]  # task name -> adapter directory
     base_path: str
     base_revision: str | None
@@ -55,34 +65,58 @@ class Plan:
     score_as: str  # "model" or "adapter"
     harness: HarnessTasks | None = None  # the tasks named by --tasks
     limit: int | None = None  # examples per task
+    search: str = "grid"  # grid, tpe or cmaes
+    space: dict[str, Any] | None = None  # a sampled search's dimensions (weights expanded)
+    trials: int = 0  # the trials the study ends with
+    seed: int = 0  # the sampler's (and DARE's) seed
+    prune: bool = False  # score a trial's first part of each task first; stop hopeless ones
+    holdout: list[Task] | None = None  # the held-out examples of each task file
+    storage: str | None = None  # --storage (default: a journal file in out)
+    study_name: str | None = None
+    fresh: bool = False
 
-    def evaluations(self, model, names: Sequence[str] | None = None) -> dict[str, Evaluation]:
-        """``model``'s evaluation on every task (or on ``names``), in the plan's task
-        order: task files by the evaluator, lm-eval tasks by lm-eval."""
+    def evaluations(self, model, tasks: Sequence[Task] | None = None) -> dict[str, Evaluation]:
+        """``model``'s evaluation on every task (or on ``tasks``: the plan's, or parts of
+        them), in order: task files by the evaluator, lm-eval tasks by lm-eval."""
         harnessed = set(self.harness.tasks) if self.harness else set()
-        wanted = [t for t in self.tasks if names is None or t.name in names]
+        wanted = list(self.tasks if tasks is None else tasks)
         evaluations = {
             t.name: self.evaluator.evaluate(model, t) for t in wanted if t.name not in harnessed
         }
-        if any(t.name in harnessed for t in wanted):
+        names = [t.name for t in wanted if t.name in harnessed]
+        if names:
             evaluations |= self.harness.evaluate(
                 model, self.evaluator.tokenizer, self.evaluator.batch_size, names
             )
         return {t.name: evaluations[t.name] for t in wanted}
 
+    def parts(self) -> list[list[Task]]:
+        """The tasks a trial is scored on, in turn: with pruning, the first part of each
+        task file, then the rest of them with the lm-eval tasks; else all at once."""
+        if not self.prune:
+            return [self.tasks]
+        harnessed = set(self.harness.tasks) if self.harness else set()
+        first, rest = [], []
+        for task in self.tasks:
+            cut = math.ceil(len(task.examples) * FIRST_PART)
+            if task.name in harnessed or cut >= len(task.examples):
+                rest.append(task)
+                continue
+            first.append(dataclasses.replace(task, examples=task.examples[:cut]))
+            rest.append(dataclasses.replace(task, examples=task.examples[cut:]))
+        return [first, rest] if first else [rest]
+
     @classmethod
     def prepare(
         cls, config, *, data, grid, metric, out, device, merge, batch_size, max_new_tokens,
         seed, score_as=None, stop=None, task_adapter=None, harness_tasks=None,
-        include_path=None, limit=None, merge_options=None,
+        include_path=None, limit=None, merge_options=None, search="grid", trials=None,
+        prune=False, holdout_fraction=None, storage=None, study_name=None, fresh=False,
     ) -> Plan:  # fmt: skip
-        from mergekit.config import MergeConfiguration
-        from pydantic import ValidationError
         from transformers import AutoTokenizer
 
         from mergekit_corespace.glue.internals import install
         from mergekit_corespace.glue.run import validate_run
-        from mergekit_corespace.glue.validation import check_parameters
 
         install()
         config_path = os.fspath(config)
@@ -103,31 +137,29 @@ class Plan:
         grids = [parse_grid(one) for one in (grid if several else [grid])]
         metrics = {"*": metric} if isinstance(metric, str) else dict(metric)
         file_tasks, harness = read_all_tasks(data, metrics, harness_tasks, include_path, limit)
+        holdout = None
+        if holdout_fraction is not None:
+            file_tasks, holdout = split_holdout(file_tasks, holdout_fraction, harness, seed or 0)
         tasks = file_tasks + (harness.as_tasks() if harness else [])
-        points = []
         for one in grids:
-            kept = grid_points(one, recipe)
-            check_every_value_is_read(one, kept, recipe)
-            points += [p for p in kept if p not in points]
+            check_every_value_is_read(one, recipe)
+        points, space = [], None
+        if search == "grid":
+            for one in grids:
+                points += [p for p in grid_points(one, recipe) if p not in points]
+        elif len(grids) > 1:
+            raise CoreSpaceError(f"--search {search}: searches one space; give one grid")
+        else:
+            space = search_space(grids[0], recipe)
+        trials = check_search(search, trials, len(points))
         # the user's mergekit options (the final merge takes them as they are), quiet and
         # with no model card while scoring
         user_options = user_options.model_copy(update=dict(device=device, random_seed=seed))
         options = user_options.model_copy(update=dict(quiet=True, write_model_card=False))
-        configs, run = [], None
-        for point in points:
-            try:
-                merge_config = MergeConfiguration.model_validate(point_recipe(recipe, point))
-                check_parameters(merge_config)
-            except ValidationError as error:
-                raise CoreSpaceError(f"--grid {label(point)}: {first_lines(error)}") from None
-            except CoreSpaceError as error:
-                raise CoreSpaceError(f"--grid {label(point)}: {error.message}") from None
-            if merge_config.merge_method not in SPACES:
-                raise CoreSpaceError(
-                    f"{config_path}: merge_method {merge_config.merge_method!r}; the tuner "
-                    f"merges with {', '.join(SPACES)}"
-                )
-            configs.append(merge_config)
+        configs, run = {}, None
+        for point in points or corner_points(space, recipe):
+            merge_config = validated_config(recipe, point, config_path)
+            configs[point_key(point)] = merge_config
             if run is None:
                 run = validate_run(merge_config, options)  # adapters and base, headers only
         base = run.base_model.model
@@ -139,7 +171,7 @@ class Plan:
                 f"base_model: {base.path}: no tokenizer to evaluate with ({first_lines(error)})"
             ) from None
         check_tokenizer(file_tasks, tokenizer, base.path)
-        dtype = scored_dtype(configs[0], run.checkpoint)
+        dtype = scored_dtype(next(iter(configs.values())), run.checkpoint)
         evaluation = dict(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
@@ -148,8 +180,12 @@ class Plan:
         evaluator = Evaluator(tokenizer, **evaluation)
         base_config = run.checkpoint.config
         positions = max_positions(base_config)
-        evaluator.check_fits(file_tasks, positions, base.path)
-        settings = dict(evaluation, device=device, dtype=dtype, seed=seed, own=own, limit=limit)
+        evaluator.check_fits(file_tasks + (holdout or []), positions, base.path)
+        # the device's kind only: workers on cuda:0 and cuda:1 share a study
+        kind = device.split(":")[0]
+        settings = dict(evaluation, device=kind, dtype=dtype, seed=seed, own=own, limit=limit)
+        if holdout_fraction is not None:  # which examples the search scores
+            settings["holdout_fraction"] = holdout_fraction
         if harness is not None:
             settings["lm-eval"] = harness.digests
         if score_as == "model":  # logs scored as adapters, before this choice, stay valid
@@ -175,10 +211,80 @@ class Plan:
             limit=limit,
             out=os.path.abspath(os.fspath(out)),
             score_as=score_as,
+            search=search,
+            space=space,
+            trials=trials,
+            seed=seed or 0,
+            prune=prune,
+            holdout=holdout,
+            storage=None if storage is None else os.fspath(storage),
+            study_name=study_name,
+            fresh=fresh,
         )
 
     def config_of(self, point: Mapping[str, Any]):
-        return self.configs[self.points.index(dict(point))]
+        """The point's mergekit configuration (validated on first use)."""
+        key = point_key(point)
+        if key not in self.configs:
+            self.configs[key] = validated_config(self.recipe, point, self.config_path)
+        return self.configs[key]
+
+
+def validated_config(recipe: Mapping[str, Any], point: Mapping[str, Any], config_path: str):
+    """``recipe`` with ``point``'s settings as a mergekit configuration, checked as
+    ``mergekit-yaml`` would; a bad one is one line naming the point."""
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    from mergekit_corespace.glue.validation import check_parameters, check_plain_weights
+
+    try:
+        merge_config = MergeConfiguration.model_validate(point_recipe(recipe, point))
+        check_parameters(merge_config)
+        check_plain_weights(merge_config)
+    except ValidationError as error:
+        raise CoreSpaceError(f"--grid {label(point)}: {first_lines(error)}") from None
+    except CoreSpaceError as error:
+        raise CoreSpaceError(f"--grid {label(point)}: {error.message}") from None
+    if merge_config.merge_method not in SPACES:
+        raise CoreSpaceError(
+            f"{config_path}: merge_method {merge_config.merge_method!r}; the tuner "
+            f"merges with {', '.join(SPACES)}"
+        )
+    return merge_config
+
+
+def split_holdout(tasks: Sequence[Task], fraction: float, harness, seed: int):
+    """Each task file's examples parted into those searched on and those held out (a
+    ``fraction`` of them, at least one, chosen by a hash of the seed, the task and the
+    example's line: the same on every machine and run)."""
+    import hashlib
+
+    if not 0 < fraction < 1:
+        raise CoreSpaceError(f"--holdout-fraction {fraction}: must lie between 0 and 1")
+    if harness is not None:
+        raise CoreSpaceError(
+            "--holdout-fraction: holds out examples of task files (--data); lm-eval tasks "
+            "(--tasks) keep their own splits"
+        )
+    searched, held = [], []
+    for task in tasks:
+        count = math.ceil(len(task.examples) * fraction)
+        if count >= len(task.examples):
+            raise CoreSpaceError(
+                f"{task.path}: {len(task.examples)} example(s) leave none to search on with "
+                f"--holdout-fraction {fraction}"
+            )
+
+        def rank(example, name=task.name):
+            return hashlib.sha256(f"{seed}:{name}:{example.line}".encode()).digest()
+
+        out = {id(e) for e in sorted(task.examples, key=rank)[:count]}
+        kept = tuple(e for e in task.examples if id(e) not in out)
+        searched.append(dataclasses.replace(task, examples=kept))
+        left_out = tuple(e for e in task.examples if id(e) in out)
+        held.append(dataclasses.replace(task, examples=left_out))
+    return searched, held
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}

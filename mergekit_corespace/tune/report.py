@@ -1,5 +1,5 @@
-"""The scored grid written for people and programs: the Markdown table, ``results.csv``,
-``results.json``, the winning recipe ``best.yml`` and the plot."""
+"""The scored trials written for people and programs: the Markdown table, ``results.csv``,
+``results.json``, the winning recipe ``best.yml`` and the plots."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from mergekit_corespace.tune.grid import label
-from mergekit_corespace.tune.plot import plot_score_vs_lambda
+from mergekit_corespace.tune.plot import plot_score_vs_lambda, plot_study
 
 if TYPE_CHECKING:
     from mergekit_corespace.tune.plan import Plan
@@ -21,13 +21,16 @@ def markdown_table(result: TuneResult) -> str:
     """The result as a Markdown table, the winning row marked with *."""
     keys, tasks = _columns(result)
     normalised = bool(result.references)
-    header = [*keys, *(f"{t} ({result.metrics[t]})" for t in tasks), "average"]
+    sampled = result.search.get("search", "grid") != "grid"
+    header = [*(["trial"] if sampled else []), *keys]
+    header += [*(f"{t} ({result.metrics[t]})" for t in tasks), "average"]
     if normalised:
         header.append("normalised")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result.rows:
         mark = " *" if row is result.best else ""
-        cells = [str(row.point.get(key, "")) for key in keys]
+        cells = [str(row.trial)] if sampled else []
+        cells += [_cell(row.point.get(key, "")) for key in keys]
         cells += [_with_stderr(row.scores[t], row.stderr.get(t)) for t in tasks]
         cells.append(f"{row.average:.4f}")
         if normalised:
@@ -49,7 +52,31 @@ def markdown_table(result: TuneResult) -> str:
     lines += [
         f"At the grid's edge: {note}; a wider grid may score higher" for note in result.at_edge()
     ]
+    search = result.search
+    if search.get("pruned"):
+        lines.append(
+            f"Trials: {search['complete']} scored whole, {search['pruned']} pruned after the "
+            f"first part; {search['examples_scored']} examples scored of "
+            f"{search['examples_unpruned']} without pruning"
+        )
+    if result.holdout:
+        lines += ["", f"Held-out examples ({result.selected_by}, 95 % interval):", ""]
+        lines += ["| point | search | held-out | search − held-out |", "|---|---|---|---|"]
+        for held in result.holdout:
+            interval = held["interval95"]
+            shown = f"{held['holdout']:.4f}" + (
+                f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+            )
+            mark = " *" if held["point"] == result.best.point else ""
+            lines.append(
+                f"| {label(held['point'])}{mark} | {held['search']:.4f} | {shown} | "
+                f"{held['difference']:+.4f} |"
+            )
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 NEAR_ZERO = 0.1  # an accuracy reference below this multiplies its task's normalised scores by >10
@@ -68,21 +95,21 @@ def _with_stderr(score: float, stderr: float | None) -> str:
     return f"{score:.4f}" if stderr is None else f"{score:.4f} ± {stderr:.4f}"
 
 
-def write_outputs(plan: Plan, result: TuneResult, best_examples, timing) -> None:
+def write_outputs(plan: Plan, result: TuneResult, best_examples, timing, study) -> None:
     """``results.csv``, ``results.json``, ``predictions.jsonl`` (the winner's, per task and
-    example), ``timing.json``, ``best.yml`` and ``score_vs_lambda.png`` in ``OUT``, each
-    written aside and moved into place."""
+    example), ``timing.json``, ``best.yml``, ``score_vs_lambda.png`` and the study's plots
+    in ``OUT``, each written aside and moved into place."""
     keys, tasks = _columns(result)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     normalised = bool(result.references)
     writer.writerow(
-        [*keys, *tasks, *(f"{t} stderr" for t in tasks), "average"]
+        ["trial", *keys, *tasks, *(f"{t} stderr" for t in tasks), "average"]
         + ([*(f"{t} normalised" for t in result.references), "normalised"] if normalised else [])
     )
     for row in result.rows:
         writer.writerow(
-            [row.point.get(key, "") for key in keys]
+            [row.trial, *(row.point.get(key, "") for key in keys)]
             + [repr(row.scores[t]) for t in tasks]
             + [repr(row.stderr.get(t)) if row.stderr.get(t) is not None else "" for t in tasks]
             + [repr(row.average)]
@@ -103,6 +130,8 @@ def write_outputs(plan: Plan, result: TuneResult, best_examples, timing) -> None
         "selected_by": result.selected_by,
         "best": _row_json(result.best),
         "points": [_row_json(row) for row in result.rows],
+        "search": result.search,
+        "holdout": result.holdout,
         "run": result.run,
     }
     write_text(os.path.join(plan.out, "results.json"), json.dumps(summary, indent=1) + "\n")
@@ -115,6 +144,7 @@ def write_outputs(plan: Plan, result: TuneResult, best_examples, timing) -> None
     write_text(os.path.join(plan.out, "timing.json"), json.dumps(timing, indent=1) + "\n")
     write_text(os.path.join(plan.out, "best.yml"), result.recipe)
     plot_score_vs_lambda(plan, result, os.path.join(plan.out, "score_vs_lambda.png"))
+    plot_study(plan, study)
 
 
 def write_text(path: str, text: str) -> None:
@@ -130,6 +160,7 @@ def _columns(result: TuneResult) -> tuple[list[str], list[str]]:
 
 def _row_json(row: Row) -> dict[str, Any]:
     return {
+        "trial": row.trial,
         "point": row.point,
         "scores": row.scores,
         "average": row.average,

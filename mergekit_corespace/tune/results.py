@@ -19,6 +19,7 @@ class Row:
     normalised: dict[str, float] = field(default_factory=dict)
     normalised_average: float | None = None
     stderr: dict[str, float | None] = field(default_factory=dict)  # per task: of its score
+    trial: int | None = None  # its trial's number in the study
 
 
 @dataclass
@@ -45,6 +46,8 @@ class TuneResult:
     recipe: str  # the winning recipe (YAML)
     merged: str | None = None
     run: dict[str, Any] = field(default_factory=dict)  # versions, settings, seconds per point
+    search: dict[str, Any] = field(default_factory=dict)  # trials complete / pruned, examples
+    holdout: list[dict[str, Any]] = field(default_factory=list)  # the best ones, held out
 
     def table(self) -> str:
         """The result as a Markdown table, the winning row marked with *."""

@@ -44,6 +44,12 @@ def scored_row(
     )
 
 
+def selection_value(row: Row, by_normalised: bool) -> float:
+    """What the winner is chosen by (and a search maximises)."""
+    value = row.normalised_average if by_normalised else row.average
+    return -math.inf if value is None or math.isnan(value) else value
+
+
 def select_best(plan: Plan, references: Mapping[str, float], rows: list[Row]) -> TuneResult:
     """The result with its winner: the best normalised average when every task has a
     reference, else the best plain average; the first of equal scores, in grid order."""
@@ -56,11 +62,7 @@ def select_best(plan: Plan, references: Mapping[str, float], rows: list[Row]) ->
             ", ".join(f"{task} {metric}" for task, metric in metrics.items()),
         )
 
-    def selected(row: Row) -> float:
-        value = row.normalised_average if by_normalised else row.average
-        return -math.inf if value is None or math.isnan(value) else value
-
-    best = max(rows, key=selected)
+    best = max(rows, key=lambda row: selection_value(row, by_normalised))
     recipe = point_recipe(plan.recipe, best.point)
     return TuneResult(
         out=plan.out,

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mergekit_corespace.evaluate import Task
 from mergekit_corespace.pipeline import SpaceCache
+from mergekit_corespace.tune.grid import point_key
 from mergekit_corespace.tune.plan import Plan
-from mergekit_corespace.tune.results import PointTimes
 
 LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
 
@@ -27,8 +27,10 @@ class Session:
         self.active: str | None = None
         self.count = 0
         self._base = None
-        self.spaces = SpaceCache()  # KnOTS spaces, shared by every point
+        self.spaces = SpaceCache()  # core and KnOTS spaces, shared by every point
         self.score_as = plan.score_as
+        self._merged = None  # the last point's merge, before λ
+        self._merged_key: str | None = None
 
     def _base_model(self):
         if self._base is None:
@@ -73,7 +75,8 @@ class Session:
         self._swap(add)
 
     def reference(self, task: Task) -> float:
-        """The task's own adapter alone, loaded from disk by PEFT, on its task."""
+        """The task's own adapter alone, loaded from disk by PEFT, on ``task`` (a task of
+        the plan, or its held-out part)."""
         from peft import PeftModel
 
         directory = self.plan.own_adapters[task.name]
@@ -87,7 +90,7 @@ class Session:
                 model.load_adapter(directory, adapter_name=name)
 
         self._swap(add)
-        return self.plan.evaluations(self.model, [task.name])[task.name].score
+        return self.plan.evaluations(self.model, [task])[task.name].score
 
     def _plain_base(self):
         """The loaded base with no adapter on it: loaded again once an adapter was on (an
@@ -118,41 +121,42 @@ class Session:
             )
         return not stray
 
-    def score(self, group: Sequence[Mapping[str, Any]]):
-        """Score each point of a group from :func:`~mergekit_corespace.tune.grid.lambda_groups`:
-        merged once, before λ, and scaled per point (unless an adapter saved a weight whole,
-        which holds its λ). Yields ``(point, evaluations, times)``: per task, its
-        :class:`~mergekit_corespace.evaluate.Evaluation`."""
+    def put(self, point: Mapping[str, Any]) -> tuple[Any, float, float]:
+        """The model with ``point``'s merge in it, and the seconds spent merging and putting
+        the merge in. A point that differs from the previous one only in λ reuses its merge
+        (λ scales the merged delta last: bit for bit a fresh merge), unless an adapter
+        saved a weight whole, which holds its λ."""
         from mergekit_corespace.glue.adapter_output import factored_merge, merged_weights
 
-        merged = None
-        for point in group:
-            started = time.perf_counter()
-            if merged is None or merged.saved:
-                config = self.plan.config_of(point)
-                merge = merged_weights if self.score_as == "model" else factored_merge
-                merged = merge(config, self.plan.options, spaces=self.spaces)
-                if self.score_as == "model" and not self._scored_as_model(merged):
-                    self.score_as = "adapter"
-                    self._base = self.model = self.active = None  # reloaded unchanged
-                    merged = factored_merge(config, self.plan.options, spaces=self.spaces)
-            lambda_ = point["lambda"] if len(group) > 1 and not merged.saved else None
-            if self.score_as == "model":
-                merged_at = time.perf_counter()
-                self._put(merged.weights(lambda_, self.plan.device))
-                model = self._base_model()
-            else:
-                adapter = merged.adapter(lambda_)
-                merged_at = time.perf_counter()
-                self._apply(adapter.export)
-                model = self.model
-            applied_at = time.perf_counter()
-            evaluations = self.plan.evaluations(model)
-            done = time.perf_counter()
-            times = PointTimes(merged_at - started, applied_at - merged_at, done - applied_at)
-            yield point, evaluations, times
+        started = time.perf_counter()
+        lambda_ = point.get("lambda")
+        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
+            lambda_ = None
+        key = point_key({k: v for k, v in point.items() if k != "lambda" or lambda_ is None})
+        if self._merged is None or self._merged_key != key or self._merged.saved:
+            self._merged = None  # the previous merge's memory, freed before the next
+            config = self.plan.config_of(point)
+            merge = merged_weights if self.score_as == "model" else factored_merge
+            merged = merge(config, self.plan.options, spaces=self.spaces)
+            if self.score_as == "model" and not self._scored_as_model(merged):
+                self.score_as = "adapter"
+                self._base = self.model = self.active = None  # reloaded unchanged
+                merged = factored_merge(config, self.plan.options, spaces=self.spaces)
+            self._merged, self._merged_key = merged, key
+        merged = self._merged
+        scale = None if merged.saved else lambda_
+        if self.score_as == "model":
+            merged_at = time.perf_counter()
+            self._put(merged.weights(scale, self.plan.device))
+            model = self._base_model()
+        else:
+            adapter = merged.adapter(scale)
+            merged_at = time.perf_counter()
+            self._apply(adapter.export)
+            model = self.model
+        return model, merged_at - started, time.perf_counter() - merged_at
 
     def close(self) -> None:
         if self.model is not None and self.active is not None:
             self.model.delete_adapter(self.active)
-        self.model = self.active = None
+        self.model = self.active = self._merged = None

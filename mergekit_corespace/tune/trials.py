@@ -1,0 +1,152 @@
+"""The trials of a study run until it holds as many as asked (every point, for a grid):
+each trial's point merged, put into the model and scored, its first part first when
+pruning, and recorded on the trial."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mergekit_corespace.evaluate import joined, normalised_score
+from mergekit_corespace.tune.grid import lambda_groups, point_key
+from mergekit_corespace.tune.results import PointTimes, Row
+from mergekit_corespace.tune.search import suggested_point
+from mergekit_corespace.tune.selection import scored_row, selection_value
+from mergekit_corespace.tune.study import record, scored_trials
+
+LOG = logging.getLogger(__package__)  # one logger for the tuner: mergekit_corespace.tune
+
+
+class Surplus(Exception):
+    """A trial started after the study already held as many as asked (another worker took
+    the last one): not scored, left failed."""
+
+
+class Objective:
+    """What Optuna maximises: a trial's selection score (the normalised average when every
+    task has a reference, else the average)."""
+
+    def __init__(self, plan, session, study, references: Mapping[str, float], progress):
+        self.plan, self.session, self.study = plan, session, study
+        self.references = dict(references)
+        self.by_normalised = len(references) == len(plan.tasks)
+        self.space = (
+            {"point": [point_key(p) for p in plan.points]} if plan.search == "grid" else plan.space
+        )
+        self.progress = progress
+        self.on_point: Callable[[Row, PointTimes], None] | None = None
+        self.examples: dict[str, dict[str, list]] = {}  # of the points this run scored
+        self.times: list[PointTimes] = []
+        self._finished: dict[int, tuple[Row, PointTimes]] = {}  # for on_point, once told
+
+    def __call__(self, trial) -> float:
+        import optuna
+        from optuna.trial import TrialState
+
+        point = suggested_point(trial, self.plan.search, self.space, self.plan.recipe)
+        if self.plan.search != "grid":
+            counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            earlier = self.study.get_trials(deepcopy=False, states=counted)
+            if sum(t.number < trial.number for t in earlier) >= self.plan.trials:
+                raise Surplus(f"trial {trial.number}: the study already holds its trials")
+        scored = scored_trials(self.study).get(point_key(point))
+        if scored is not None:  # scored by an earlier run, or by another worker
+            record(trial, point, scored.user_attrs["scores:search"],
+                   scored.user_attrs["stderr:search"])  # fmt: skip
+            self.progress(point, scored.user_attrs["scores:search"], scored.value)
+            return scored.value
+        model, merge_seconds, apply_seconds = self.session.put(point)
+        started = _now()
+        parts: list[dict[str, Any]] = []
+        steps = self.plan.parts()
+        for step, tasks in enumerate(steps):
+            parts.append(self.plan.evaluations(model, tasks))
+            if step < len(steps) - 1:
+                value = self._partial_value(parts[0])
+                trial.report(value, step)
+                if trial.should_prune():
+                    trial.set_user_attr("point", dict(point))
+                    trial.set_user_attr("first part", {n: e.score for n, e in parts[0].items()})
+                    self.progress(point, None, value)
+                    raise optuna.TrialPruned()
+        evaluations = {}
+        for task in self.plan.tasks:
+            scored_parts = [part[task.name] for part in parts if task.name in part]
+            evaluations[task.name] = (
+                scored_parts[0] if len(scored_parts) == 1 else joined(scored_parts)
+            )
+        scores = {name: e.score for name, e in evaluations.items()}
+        stderr = {name: e.stderr for name, e in evaluations.items()}
+        record(trial, point, scores, stderr)
+        row = scored_row(point, scores, self.plan, self.references, stderr)
+        times = PointTimes(merge_seconds, apply_seconds, _now() - started)
+        self.examples[point_key(point)] = {n: e.examples for n, e in evaluations.items()}
+        self.times.append(times)
+        value = selection_value(row, self.by_normalised)
+        self.progress(point, scores, value)
+        self._finished[trial.number] = (row, times)
+        return value
+
+    def told(self, study, trial) -> None:
+        """Optuna's callback once a trial is finished and stored: ``on_point`` with its row
+        (so an exception there, or a kill, never loses a scored trial)."""
+        finished = self._finished.pop(trial.number, None)
+        if finished is not None and self.on_point is not None:
+            self.on_point(*finished)
+
+    def _partial_value(self, evaluations) -> float:
+        """The selection score on the first part of each task (the tasks in it)."""
+        metrics = {task.name: task.metric for task in self.plan.tasks}
+        if self.by_normalised:
+            values = [
+                normalised_score(metrics[n], e.score, self.references[n])
+                for n, e in evaluations.items()
+            ]
+        else:
+            values = [e.score for e in evaluations.values()]
+        return sum(values) / len(values)
+
+
+def run_trials(study, plan, objective: Objective, in_order: bool = False) -> None:
+    """Trials until the study holds ``plan.trials`` finished ones (or, for a grid, a
+    finished trial of every point), counting those of earlier runs and other workers.
+
+    ``in_order`` (a study this run alone writes): a grid's points are queued λ group by
+    λ group (:func:`~mergekit_corespace.tune.grid.lambda_groups`), so that points differing
+    only in λ follow each other and share one merge; workers sharing a study take the
+    points Optuna's ``GridSampler`` gives them instead."""
+    from optuna.trial import TrialState
+
+    finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    if plan.search == "grid" and in_order:
+        kept = (*finished_states, TrialState.WAITING)
+        queued = {  # a finished trial's point, or a waiting one's
+            point_key(t.user_attrs["point"])
+            if "point" in t.user_attrs
+            else t.system_attrs.get("fixed_params", {}).get("point")
+            for t in study.get_trials(deepcopy=False, states=kept)
+        }
+        for group in lambda_groups(plan.points):
+            for point in group:
+                if point_key(point) not in queued:
+                    study.enqueue_trial({"point": point_key(point)})
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        finished = [t for t in trials if t.state in finished_states]
+        running = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if plan.search == "grid":
+            done = {point_key(t.user_attrs["point"]) for t in finished if "point" in t.user_attrs}
+            busy = {t.params.get("point") for t in running}  # another worker scores these
+            left = [p for p in plan.points if point_key(p) not in done]
+            if not left or all(point_key(p) in busy for p in left):
+                return
+        elif len(finished) >= plan.trials or len(finished) + len(running) >= plan.trials:
+            return
+        study.optimize(objective, n_trials=1, catch=(Surplus,), callbacks=[objective.told])
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
