@@ -25,8 +25,9 @@ RUNS = {  # name -> tune() settings besides the shared ones
     "λ grid (today)": dict(grid=["merge=ta,ties lambda=0.25,0.5,0.75,1,1.5"]),
     "λ × weight grid": dict(grid=["merge=ties lambda=0.5,1,1.5 weight=0.5,1.5"]),
     "TPE": dict(grid=["merge=ties lambda=0.5:1.5 weight=0.5:1.5"], search="tpe"),
-    "TPE, pruned": dict(grid=["merge=ties lambda=0.5:1.5 weight=0.5:1.5"], search="tpe",
-                        prune=True),  # fmt: skip
+    "TPE, pruned": dict(
+        grid=["merge=ties lambda=0.5:1.5 weight=0.5:1.5"], search="tpe", prune=True
+    ),  # fmt: skip
 }
 
 
