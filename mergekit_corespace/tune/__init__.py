@@ -32,7 +32,7 @@ where it stopped; a study with another fingerprint is refused (``fresh=True`` st
 One file per job, in the order a run uses them:
 
 - ``grid.py`` — ``--grid`` parsed (values, ranges, weights); a grid's points; a point ↔
-  its recipe; grid edges.
+  its recipe; λ groups; grid edges.
 - ``search.py`` — the sampler (grid, TPE, CMA-ES), the pruner, a trial's point.
 - ``plan.py`` — everything checked before any work: recipe, points, tasks ↔ adapters,
   held-out examples, tokenizer, fingerprint.

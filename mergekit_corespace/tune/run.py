@@ -80,9 +80,10 @@ def tune(
             ``weight=0.5,1`` (or ``weight=0:2``) is one dimension per adapter, written into
             each model's ``parameters.weight``; ``LOW:HIGH[:log]`` (or a :class:`~mergekit_
             corespace.tune.grid.Range`) is a range, for a tpe or cmaes search.
-        search: ``grid`` (every point, through Optuna's ``GridSampler``), ``tpe`` or
-            ``cmaes`` (``trials`` points drawn from the grid's values and ranges, default
-            40), seeded by ``random_seed``: the same seed gives the same trials.
+        search: ``grid`` (every point: queued λ group by λ group, or taken from Optuna's
+            ``GridSampler`` by workers sharing a study), ``tpe`` or ``cmaes`` (``trials``
+            points drawn from the grid's values and ranges, default 40), seeded by
+            ``random_seed``: the same seed gives the same trials.
         prune: score each trial on the first third of every task file first, and stop it
             there when it falls below the median of earlier trials (Optuna's MedianPruner).
         holdout_fraction: keep this share of each task file's examples out of the search;
