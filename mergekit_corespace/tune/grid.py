@@ -148,15 +148,18 @@ def grid_points(grid: Mapping[str, list], recipe: Mapping[str, Any]) -> list[dic
 
 def read_point(point: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:
     """``point`` less the settings its inner method (or space) does not read."""
-    base_merge = (recipe.get("parameters") or {}).get("merge", "ta")
-    point = dict(point)
-    merge = point.get("merge", base_merge)
-    for name, methods in METHOD_PARAMETERS.items():
-        if name in point and merge not in methods:
-            del point[name]
-    if "knots_scale_tasks" in point and space_of(point, recipe) != "knots":
-        del point["knots_scale_tasks"]
-    return point
+    return {key: value for key, value in point.items() if is_read(key, point, recipe)}
+
+
+def is_read(key: str, point: Mapping[str, Any], recipe: Mapping[str, Any]) -> bool:
+    """Whether ``point``'s inner method (or space) reads the setting ``key``: a
+    method-specific one only by its methods, ``knots_scale_tasks`` only in KnOTS."""
+    merge = point.get("merge", (recipe.get("parameters") or {}).get("merge", "ta"))
+    if key in METHOD_PARAMETERS:
+        return merge in METHOD_PARAMETERS[key]
+    if key == "knots_scale_tasks":
+        return space_of(point, recipe) == "knots"
+    return True
 
 
 def unique_points(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -10,8 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergekit_corespace.errors import CoreSpaceError
-from mergekit_corespace.options import METHOD_PARAMETERS
-from mergekit_corespace.tune.grid import Range, expand_weights, point_key, read_point
+from mergekit_corespace.tune.grid import Range, expand_weights, is_read, point_key, read_point
 
 SEARCHES = ("grid", "tpe", "cmaes")
 DEFAULT_TRIALS = 40
@@ -78,22 +77,13 @@ def suggested_point(trial, search: str, space: Mapping[str, Any], recipe) -> dic
         return json.loads(trial.suggest_categorical("point", space["point"]))
     point: dict[str, Any] = {}
     for key, values in space.items():
-        if not _read(key, point, recipe):
+        if not is_read(key, point, recipe):
             continue
         if isinstance(values, Range):
             point[key] = trial.suggest_float(key, values.low, values.high, log=values.log)
         else:
             point[key] = trial.suggest_categorical(key, values)
     return read_point(point, recipe)
-
-
-def _read(key: str, point: Mapping[str, Any], recipe: Mapping[str, Any]) -> bool:
-    merge = point.get("merge", (recipe.get("parameters") or {}).get("merge", "ta"))
-    if key in METHOD_PARAMETERS:
-        return merge in METHOD_PARAMETERS[key]
-    if key == "knots_scale_tasks":
-        return point.get("merge_method", recipe.get("merge_method")) == "knots"
-    return True
 
 
 def corner_points(space: Mapping[str, Any], recipe) -> list[dict[str, Any]]:

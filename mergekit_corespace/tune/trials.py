@@ -5,6 +5,7 @@ pruning, and recorded on the trial."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,7 +58,7 @@ class Objective:
             self.progress(point, scored.user_attrs["scores:search"], scored.value)
             return scored.value
         model, merge_seconds, apply_seconds = self.session.put(point)
-        started = _now()
+        started = time.perf_counter()
         parts: list[dict[str, Any]] = []
         steps = self.plan.parts()
         for step, tasks in enumerate(steps):
@@ -80,7 +81,7 @@ class Objective:
         stderr = {name: e.stderr for name, e in evaluations.items()}
         record(trial, point, scores, stderr)
         row = scored_row(point, scores, self.plan, self.references, stderr)
-        times = PointTimes(merge_seconds, apply_seconds, _now() - started)
+        times = PointTimes(merge_seconds, apply_seconds, time.perf_counter() - started)
         self.examples[point_key(point)] = {n: e.examples for n, e in evaluations.items()}
         self.times.append(times)
         value = selection_value(row, self.by_normalised)
@@ -144,9 +145,3 @@ def run_trials(study, plan, objective: Objective, in_order: bool = False) -> Non
         elif len(finished) >= plan.trials or len(finished) + len(running) >= plan.trials:
             return
         study.optimize(objective, n_trials=1, catch=(Surplus,), callbacks=[objective.told])
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
