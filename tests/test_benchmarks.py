@@ -148,6 +148,38 @@ def test_llm_bench_smoke(tmp_path):
         assert row.endswith("| yes |"), row
 
 
+def test_llm_search_bench_smoke(tmp_path):
+    """bench/llm/search.py end to end on a tiny random Llama: a grid and a TPE search of
+    the same size, KnOTS scaled and unscaled, their choices scored on test and compared in
+    pairs; and what TIES keeps of each task, with task arithmetic alike in both spaces."""
+    import json
+
+    _run("bench/llm/search.py", "--smoke", "--out", str(tmp_path))
+    saved = json.loads((tmp_path / "search.json").read_text())
+    rows = saved["rows"]
+    grid, search = rows["ties · core · grid"], rows["ties · core · search"]
+    assert grid["evaluations"] == search["evaluations"] == 2
+    assert grid["chosen"]["lambda"] in (0.5, 1.0) and grid["chosen"]["density"] == 0.5
+    weights = {k: v for k, v in search["chosen"].items() if k.startswith("weight[")}
+    assert set(weights) == {"weight[spam]", "weight[sentiment]"}
+    assert all(0.25 <= v <= 2 for v in weights.values()) and 0.5 <= search["chosen"]["lambda"] <= 1
+    assert rows["ties · knots (S·Vₜ) · grid"]["grid"].endswith("knots_scale_tasks=true")
+    for row in rows.values():
+        assert all(len(h) == 8 and set(h) <= {"0", "1"} for h in row["predictions"].values())
+    page = (tmp_path / "search.md").read_text()
+    assert "| ties · core · search | ties · core · grid |" in page
+    assert "| ties · knots (S·Vₜ) · grid | ties · knots (Vₜ) · grid |" in page
+    spaces = saved["trim"]["spaces"]
+    for task in ("spam", "sentiment"):  # the core matrices stand for the deltas exactly
+        core, full = spaces["core"]["ta"]["retained"][task], spaces["full"]["ta"]["retained"][task]
+        assert abs(core - full) < 1e-4 * abs(full)
+        for space in ("core", "full"):
+            kept = [spaces[space][d]["kept"][task] for d in ("0.3", "0.5", "0.7")]
+            assert 0 < kept[0] < kept[1] < kept[2] <= 1 + 1e-6, kept
+    _run("bench/llm/search.py", "--render", "--out", str(tmp_path))
+    assert (tmp_path / "search.md").read_text() == page
+
+
 def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():
     sys.path.insert(0, str(REPO / "bench" / "llm"))
     import chat_tasks

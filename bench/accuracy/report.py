@@ -25,8 +25,9 @@ def decode(saved: dict) -> dict[str, dict[str, list[int]]]:
     }
 
 
-def summary(saved: dict) -> dict:
-    """Point figures, 95 % intervals and paired tests (core vs full, core vs KnOTS)."""
+def summary(saved: dict, pairs: list[tuple[str, str]] | None = None) -> dict:
+    """Point figures, 95 % intervals and paired tests: of ``pairs`` of row labels (first,
+    second), by default core against full space and KnOTS for each method."""
     outcomes = decode(saved)
     individual = outcomes[INDIVIDUAL]
     boot = stats.Bootstrap({name: len(values) for name, values in individual.items()})
@@ -45,26 +46,31 @@ def summary(saved: dict) -> dict:
                 stats.interval(replicates[label]),
             ),
         }
+    if pairs is None:
+        pairs = [
+            (f"{method} · core", f"{method} · {other}")
+            for method in methods_of(outcomes)
+            for other in ("full", "knots")
+            if f"{method} · core" in outcomes and f"{method} · {other}" in outcomes
+        ]
     comparisons = []
-    for method in methods_of(outcomes):
-        for other in ("full", "knots"):
-            first, second = f"{method} · core", f"{method} · {other}"
-            if first not in outcomes or second not in outcomes:
-                continue
-            difference = figures[first]["normalized"][0] - figures[second]["normalized"][0]
-            differences = replicates[first] - replicates[second]
-            a, b = stats.pooled(outcomes[first]), stats.pooled(outcomes[second])
-            comparisons.append(
-                {
-                    "method": method,
-                    "other": other,
-                    "difference": difference,
-                    "interval": stats.interval(differences),
-                    "bootstrap_p": stats.paired_p_value(difference, differences),
-                    "mcnemar_p": stats.mcnemar_p_value(a, b),
-                    "disagreements": sum(x != y for x, y in zip(a, b)),
-                }
-            )
+    for first, second in pairs:
+        difference = figures[first]["normalized"][0] - figures[second]["normalized"][0]
+        differences = replicates[first] - replicates[second]
+        a, b = stats.pooled(outcomes[first]), stats.pooled(outcomes[second])
+        comparisons.append(
+            {
+                "first": first,
+                "second": second,
+                "method": first.split(" · ")[0],
+                "other": second.split(" · ")[1] if " · " in second else second,
+                "difference": difference,
+                "interval": stats.interval(differences),
+                "bootstrap_p": stats.paired_p_value(difference, differences),
+                "mcnemar_p": stats.mcnemar_p_value(a, b),
+                "disagreements": sum(x != y for x, y in zip(a, b)),
+            }
+        )
     adjusted = stats.holm([c["bootstrap_p"] for c in comparisons])
     for comparison, holm_p in zip(comparisons, adjusted):
         comparison["holm_p"] = holm_p

@@ -25,6 +25,7 @@ decides them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -174,10 +175,27 @@ def main() -> None:
     publish(saved, paths, chart=not (args.quick or args.smoke))
 
 
-def benchmark(plan: dict, work: str, args, started: float) -> dict:
+@dataclasses.dataclass
+class Setup:
+    """What every study of these adapters starts from: the base, the tasks' files, the
+    adapters, the recipe of all of them and the test scorers."""
+
+    base: str
+    tasks: list
+    validation: str  # the validation task files
+    adapters: dict[str, str]
+    trained_seconds: float
+    recipe_path: str  # all adapters, merge_method core_space, ta
+    raw: dict  # the same recipe, parsed
+    scorer: Scorer  # on test
+    head_scorer: Scorer  # on the first AGREEMENT test examples of each task
+    tuning: str  # tuner studies, keyed by the validation examples (a rerun resumes)
+
+
+def setup(plan: dict, work: str, smoke: bool) -> Setup:
     from transformers import AutoTokenizer
 
-    base = base_model(args.smoke, work)
+    base = base_model(smoke, work)
     sizes = {k: plan[k] for k in ("validation", "test", "train") if k in plan}
     tasks = chat_tasks.load_chat_tasks(plan["tasks"], seed=SEED, **sizes)
     validation = chat_tasks.write_task_files(tasks, "validation", os.path.join(work, "val"))
@@ -186,8 +204,48 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
     adapters, trained = train_adapters(base, tasks, plan)
     print(f"adapters ready ({f'trained in {trained:.0f} s' if trained else 'cached'})")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    scorer = Scorer(tokenizer, test, plan["tasks"])
-    head_scorer = Scorer(tokenizer, head, plan["tasks"])
+    text = recipe_text(base, adapters)
+    splits = [task.validation for task in tasks]
+    return Setup(
+        base=base, tasks=tasks, validation=validation, adapters=adapters,
+        trained_seconds=trained,
+        recipe_path=toy.write_yaml(os.path.join(work, "recipe.yml"), text),
+        raw=yaml.safe_load(text), scorer=Scorer(tokenizer, test, plan["tasks"]),
+        head_scorer=Scorer(tokenizer, head, plan["tasks"]),
+        tuning=os.path.join(plan["cache"], "tune", train.cache_key(base, splits, SEED)),
+    )  # fmt: skip
+
+
+def own_adapters(bench: Setup, extras: bool = True) -> tuple[dict, dict, dict]:
+    """Each adapter on its own task (the reference of normalized accuracy): its test hits,
+    and with ``extras`` its free-generation hits and sample answer."""
+    scorer, own, free, samples = bench.scorer, {}, {}, {}
+    for name in tqdm(scorer.tasks, desc="own adapters on test"):
+        model = load(bench.base, bench.adapters[name])
+        own.update(scorer.hits(scorer.answers(model, only=name)))
+        if extras:
+            free.update(scorer.hits(scorer.answers(model, only=name, free=True), free=True))
+            samples.update(scorer.samples(model, only=name))
+    return own, free, samples
+
+
+def written(bench: Setup, point: dict, work: str):
+    """The recipe of ``point`` written by ``mergekit-yaml``: the loaded model, the recipe's
+    path and the merge's wall time (the caller removes ``work/merged`` after use)."""
+    config = point_recipe(bench.raw, point)
+    config_path = toy.write_yaml(
+        os.path.join(work, "chosen.yml"), yaml.safe_dump(config, sort_keys=False)
+    )
+    merged = os.path.join(work, "merged")
+    seconds = run_script("mergekit-yaml", config_path, merged)
+    model = load(merged)
+    shutil.rmtree(merged)  # the weights are in memory
+    return model, config_path, seconds
+
+
+def benchmark(plan: dict, work: str, args, started: float) -> dict:
+    bench = setup(plan, work, args.smoke)
+    base, scorer, head_scorer = bench.base, bench.scorer, bench.head_scorer
     names = list(scorer.tasks)
 
     # --- references: the base alone, each adapter on its own task --------------------
@@ -197,30 +255,18 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
     rows[ZERO_SHOT] = {"predictions": scorer.hits(answers)}
     free[ZERO_SHOT] = scorer.hits(scorer.answers(model, free=True), free=True)
     samples[ZERO_SHOT] = scorer.samples(model)
-    own, own_free = {}, {}
-    samples[INDIVIDUAL] = {}
-    for name in tqdm(names, desc="own adapters on test"):
-        model = load(base, adapters[name])
-        own.update(scorer.hits(scorer.answers(model, only=name)))
-        own_free.update(scorer.hits(scorer.answers(model, only=name, free=True), free=True))
-        samples[INDIVIDUAL].update(scorer.samples(model, only=name))
+    own, free[INDIVIDUAL], samples[INDIVIDUAL] = own_adapters(bench)
     rows[INDIVIDUAL] = {"predictions": own}
-    free[INDIVIDUAL] = own_free
 
     # --- λ / density on validation, by the tuner --------------------------------------
-    recipe_path = toy.write_yaml(os.path.join(work, "recipe.yml"), recipe_text(base, adapters))
-    raw = yaml.safe_load(recipe_text(base, adapters))
-    # keyed by the validation examples (not their temporary folder), so a rerun resumes
-    splits = [task.validation for task in tasks]
-    tuning = os.path.join(plan["cache"], "tune", train.cache_key(base, splits, SEED))
     chosen, tuning_times = {}, {}
     for space, methods in plan["spaces"].items():
         # one tuner run per space: its merges share KnOTS spaces, and λ points one merge
         merges = []
         tick = time.perf_counter()
         result = tune(
-            recipe_path, validation, [grid(method, space, plan) for method in methods],
-            metric=metrics(names), out=os.path.join(tuning, space), batch_size=16,
+            bench.recipe_path, bench.validation, [grid(m, space, plan) for m in methods],
+            metric=metrics(names), out=os.path.join(bench.tuning, space), batch_size=16,
             random_seed=SEED, progress=True, on_point=lambda _, times: merges.append(times),  # noqa: B023
         )  # fmt: skip
         tuning_times[space] = {
@@ -240,19 +286,12 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
     # --- the choices, written by mergekit-yaml and mergekit-corespace-lora -------------
     for (method, space), best in tqdm(chosen.items(), desc="chosen merges on test"):
         label = f"{method} · {space}"
-        config = point_recipe(raw, best.point)
-        config_path = toy.write_yaml(
-            os.path.join(work, "chosen.yml"), yaml.safe_dump(config, sort_keys=False)
-        )
-        merged, lora = os.path.join(work, "merged"), os.path.join(work, "lora")
-        model_seconds = run_script("mergekit-yaml", config_path, merged)
-        model = load(merged)
+        model, config_path, model_seconds = written(bench, best.point, work)
         answers = scorer.answers(model)
         if (method, space) in answering:
             free[label] = scorer.hits(scorer.answers(model, free=True), free=True)
             samples[label] = scorer.samples(model)
         del model
-        shutil.rmtree(merged)
         parameters = {k: v for k, v in best.point.items() if k in ("lambda", "density")}
         rows[label] = {
             "predictions": scorer.hits(answers),
@@ -262,6 +301,7 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
             **({"best_of_space": True} if (method, space) in answering else {}),
         }
         if space == "core" or (method, space) in answering:
+            lora = os.path.join(work, "lora")
             rows[label]["lora_seconds"] = round(
                 run_script("mergekit-corespace-lora", config_path, lora), 1
             )
@@ -281,7 +321,7 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
         "model": "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (bf16)",
         "lora": train.LORA,
         "training": {**train.TRAINING, **({"steps": plan["steps"]} if "steps" in plan else {})},
-        "adapters_trained_seconds": round(trained),
+        "adapters_trained_seconds": round(bench.trained_seconds),
         "tuning_seconds": sum(t["seconds"] for t in tuning_times.values()),
         "tuning": tuning_times,
         "plan": {k: v for k, v in plan.items() if k != "cache"},

@@ -1,0 +1,166 @@
+"""Optuna's search against the grid at an equal number of evaluations, on bench/llm's six
+SmolLM2 adapters; the KnOTS space with and without its singular values on the tasks; and
+what TIES' trim keeps of each task in core and in full space.
+
+    python bench/llm/search.py            # ~90 min on 2 CPU cores (adapters cached by run.py)
+    python bench/llm/search.py --render   # search.md again from search.json
+    python bench/llm/search.py --smoke    # CI: a tiny random Llama, two tasks, seconds
+
+Each arm is one ``mergekit_corespace.tune.tune`` call (the code of
+``mergekit-corespace-tune``) on run.py's validation split, the same seed and the same
+number of evaluations: the grid scores every point of a finer grid than run.py's (λ down
+to 0.125), the search draws λ, each adapter's weight (and density) with Optuna's TPE.
+Each arm's winner is written by ``mergekit-yaml`` and scored on test (300 examples a
+task); search and grid are compared on the same test examples by a paired bootstrap and
+McNemar's test (``bench/accuracy/stats.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[1:1] = [HERE, os.path.join(os.path.dirname(HERE), "accuracy")]
+
+import run  # noqa: E402
+import torch  # noqa: E402
+from answers import INDIVIDUAL, metrics  # noqa: E402
+from search_page import render  # noqa: E402
+from trim_energy import trim_energy  # noqa: E402
+
+from mergekit_corespace.tune import tune  # noqa: E402
+
+EVALUATIONS = 40  # of every arm
+WEIGHTS = "weight=0.25:2:log"  # one dimension per adapter; TIES refuses weight 0
+TIES_GRID = "lambda=0.125,0.25,0.375,0.5,0.75,1,1.5,2 density=0.1,0.3,0.5,0.7,0.9"  # 40
+
+
+def geometric(low: float, high: float, count: int = EVALUATIONS) -> str:
+    """``count`` values from ``low`` to ``high``, evenly spaced on a log scale."""
+    ratio = (high / low) ** (1 / (count - 1))
+    return ",".join(f"{low * ratio**i:.4g}" for i in range(count))
+
+
+# (method, space) -> the grid and the search, both of EVALUATIONS points; the ranges
+# hold every value the grid tries
+STUDY = {
+    ("ties", "core"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
+    ("ties", "full"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
+    ("tsv", "core"): (f"lambda={geometric(0.1, 2)}", f"lambda=0.1:2:log {WEIGHTS}"),
+    ("iso_cts", "core"): (f"lambda={geometric(0.5, 4)}", f"lambda=0.5:4:log {WEIGHTS}"),
+}
+# DARE-TIES: the grid only, down to λ 0.125 in both spaces (run.py's stopped at 0.5)
+DARE_TIES_GRID = "lambda=0.125,0.25,0.375,0.5,0.75,1,1.5,2 density=0.3,0.7"
+GRIDS = {("dare_ties", "core"): DARE_TIES_GRID, ("dare_ties", "full"): DARE_TIES_GRID}
+# KnOTS' TIES with the tasks scaled by the singular values (S·Vₜ, as the KnOTS authors'
+# code, the default) and without (Vₜ, as the Core Space authors' KnOTS baseline)
+KNOTS_GRID = "merge=ties lambda=0.125,0.25,0.5,1 density=0.3,0.7"
+SMOKE_STUDY = {("ties", "core"): ("lambda=0.5,1 density=0.5", f"lambda=0.5:1 {WEIGHTS}")}
+
+
+def arms(smoke: bool) -> dict[str, dict]:
+    """label -> the arm's method, space, kind and ``tune()`` settings."""
+    out = {}
+    for (method, space), (grid, search) in (SMOKE_STUDY if smoke else STUDY).items():
+        head = f"merge_method={run.SPACES[space]} merge={method}"
+        trials = 2 if smoke else EVALUATIONS
+        out[f"{method} · {space} · grid"] = dict(grid=[f"{head} {grid}"])
+        out[f"{method} · {space} · search"] = dict(
+            grid=[f"{head} {search}"], search="tpe", trials=trials
+        )
+    for (method, space), grid in ({} if smoke else GRIDS).items():
+        head = f"merge_method={run.SPACES[space]} merge={method}"
+        out[f"{method} · {space} · grid"] = dict(grid=[f"{head} {grid}"])
+    for scaled in (True, False):
+        grid = "merge=ties lambda=1 density=0.5" if smoke else KNOTS_GRID
+        tasks = "S·Vₜ" if scaled else "Vₜ"
+        out[f"ties · knots ({tasks}) · grid"] = dict(
+            grid=[f"merge_method=knots {grid} knots_scale_tasks={str(scaled).lower()}"]
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CI: tiny random model, seconds")
+    parser.add_argument("--render", action="store_true", help="the page from the saved JSON")
+    parser.add_argument("--out", default=None, help="folder of search.md, search.json")
+    parser.add_argument("--cache", default=run.CACHE)
+    args = parser.parse_args()
+    out = args.out or (tempfile.mkdtemp(prefix="llm-search-smoke-") if args.smoke else HERE)
+    paths = {"page": os.path.join(out, "search.md"), "saved": os.path.join(out, "search.json")}
+    if not args.render:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        work = tempfile.mkdtemp(prefix="llm-search-")
+        plan = dict(run.SMOKE if args.smoke else run.FULL)
+        plan["cache"] = os.path.join(work, "cache") if args.smoke else args.cache
+        try:
+            saved = study(plan, work, args.smoke)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(out, exist_ok=True)
+        with open(paths["saved"], "w", encoding="utf-8") as handle:
+            json.dump(saved, handle, indent=1, ensure_ascii=False)
+            handle.write("\n")
+    with open(paths["saved"], encoding="utf-8") as handle:
+        page = render(json.load(handle))
+    with open(paths["page"], "w", encoding="utf-8") as handle:
+        handle.write(page)
+    print(page)
+
+
+def study(plan: dict, work: str, smoke: bool) -> dict:
+    started = time.perf_counter()
+    bench = run.setup(plan, work, smoke)
+    names = list(bench.scorer.tasks)
+    own, _, _ = run.own_adapters(bench, extras=False)
+    rows = {INDIVIDUAL: {"predictions": own}}
+    for label, settings in arms(smoke).items():
+        folder = label.replace(" · ", "-").replace(" ", "-").replace("(", "").replace(")", "")
+        tick = time.perf_counter()
+        merging = []
+        result = tune(
+            bench.recipe_path, bench.validation, metric=metrics(names), batch_size=16,
+            out=os.path.join(bench.tuning, "search", folder), random_seed=run.SEED,
+            progress=True, on_point=lambda _, times: merging.append(times.merge),  # noqa: B023
+            **settings,
+        )  # fmt: skip
+        seconds = time.perf_counter() - tick
+        model, _, written_seconds = run.written(bench, result.best.point, work)
+        rows[label] = {
+            "predictions": bench.scorer.hits(bench.scorer.answers(model)),
+            "chosen": result.best.point,
+            "validation_normalized": round(result.best.normalised_average, 4),
+            "evaluations": len(result.rows),
+            "tuning_seconds": round(seconds),  # 0-ish when resumed from the cache
+            "merging_seconds": round(sum(merging)),
+            "mergekit_yaml_seconds": round(written_seconds, 1),
+            "grid": settings["grid"][0],
+            "search": settings.get("search", "grid"),
+        }
+        del model
+        print(f"{label}: {rows[label]['validation_normalized']} on validation, {seconds:.0f} s")
+    return {
+        "command": f"python bench/llm/search.py{' --smoke' if smoke else ''}",
+        "date": time.strftime("%Y-%m-%d"),
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "model": "tiny random Llama (smoke)" if smoke else "SmolLM2-135M-Instruct (bf16)",
+        "tasks": names,
+        "sizes": {name: len(bench.scorer.tasks[name].examples) for name in names},
+        "validation": plan["validation"],
+        "evaluations": 2 if smoke else EVALUATIONS,
+        "rows": rows,
+        "trim": trim_energy(bench.adapters, densities=(0.3, 0.5, 0.7)),
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The page of bench/llm/search.py from its saved per-example outcomes: each arm's choice
+and test accuracy with 95 % intervals, paired tests between arms, and the trim's energy."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[1:1] = [os.path.join(os.path.dirname(HERE), "accuracy")]
+
+import report  # noqa: E402
+from answers import INDIVIDUAL  # noqa: E402
+
+
+def pairs(labels) -> list[tuple[str, str]]:
+    """The arms compared on the same test examples: search against grid for each method and
+    space, core against full space for each kind, KnOTS scaled against unscaled."""
+    present = set(labels)
+    out = []
+    for label in labels:
+        if label.endswith(" · search") and label.replace("search", "grid") in present:
+            out.append((label, label.replace("search", "grid")))
+        method, space, kind = (label.split(" · ") + ["", ""])[:3]
+        other = f"{method} · full · {kind}"
+        if space == "core" and other in present:
+            out.append((label, other))
+    scaled, unscaled = "ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid"
+    if scaled in present and unscaled in present:
+        out.append((scaled, unscaled))
+    return out
+
+
+def chosen_text(point: dict) -> str:
+    """λ, density and each adapter's weight of a winning point, in short."""
+    parts = [f"λ {point['lambda']:.3g}"] if "lambda" in point else []
+    if "density" in point:
+        parts.append(f"density {point['density']:.2f}")
+    weights = [(k[len("weight[") : -1], v) for k, v in point.items() if k.startswith("weight[")]
+    if weights:
+        parts.append("weights " + ", ".join(f"{name} {value:.2f}" for name, value in weights))
+    return "; ".join(parts)
+
+
+def render(saved: dict) -> str:
+    result = report.summary(saved, pairs(list(saved["rows"])))
+    figures, tests = result["figures"], result["comparisons"]
+    rows, names = saved["rows"], saved["tasks"]
+    lines = [
+        f"# Search against grid: {saved['model']}, {len(names)} LoRA adapters",
+        "",
+        f"Command: `{saved['command']}`, {saved['date']}; {saved['minutes']:.1f} min on "
+        f"{saved['cpus']} CPUs ({saved['torch_threads']} torch threads). Every arm chooses on "
+        f"the validation split ({saved['validation']} examples a task) by "
+        "`mergekit_corespace.tune.tune` with the same seed; its choice is written by "
+        "`mergekit-yaml` (bf16) and scored on test "
+        f"({', '.join(f'{n} {k}' for n, k in saved['sizes'].items())} examples). Search and "
+        f"grid of a method take the same number of evaluations ({saved['evaluations']}): the "
+        "grid every point of its grid, the search (Optuna's TPE) as many trials over ranges "
+        "of λ, each adapter's weight and density. Normalized = merged / own adapter, averaged "
+        "over tasks; brackets: 95 % bootstrap intervals (2000 resamples, stratified by task).",
+        "",
+        "| arm | evaluations | tuning s (merging) | chosen on validation | validation "
+        "normalized | test average | test normalized | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(names),
+    ]
+    for label, row in rows.items():
+        figure = figures[label]
+        tasks = " | ".join(f"{figure['tasks'][n][0]:.3f}" for n in names)
+        if label == INDIVIDUAL:
+            lines.append(
+                f"| {label} |  |  |  |  | {report.ci(figure['average'])} | "
+                f"{report.ci(figure['normalized'])} | {tasks} |"
+            )
+            continue
+        lines.append(
+            f"| {label} | {row['evaluations']} | {row['tuning_seconds']} "
+            f"({row['merging_seconds']}) | {chosen_text(row['chosen'])} | "
+            f"{row['validation_normalized']:.3f} | {report.ci(figure['average'])} | "
+            f"{report.ci(figure['normalized'])} | {tasks} |"
+        )
+    lines += [
+        "",
+        "## Paired tests",
+        "",
+        "Difference of test normalized accuracy (first − second) on the same test examples, "
+        "its 95 % paired-bootstrap interval and two-sided p-value, the p-value Holm-adjusted "
+        f"over the {len(tests)} comparisons of this page, the exact McNemar p-value on the "
+        "pooled test examples, and the test examples on which the two differ.",
+        "",
+        "| first | second | difference | 95 % interval | p (bootstrap) | p (Holm) | "
+        "p (McNemar) | disagreements |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tests:
+        low, high = t["interval"]
+        lines.append(
+            f"| {t['first']} | {t['second']} | {t['difference']:+.3f} | [{low:+.3f}, "
+            f"{high:+.3f}] | {report.p_text(t['bootstrap_p'])} | {report.p_text(t['holm_p'])} "
+            f"| {report.p_text(t['mcnemar_p'])} | {t['disagreements']} |"
+        )
+    return "\n".join([*lines, *trim_section(saved["trim"], names)]) + "\n"
+
+
+def trim_section(trim: dict, names) -> list[str]:
+    """What TIES' trim keeps and its merge retains of each task, per space and density."""
+    lines = [
+        "",
+        "## What TIES keeps of each task, core and full space",
+        "",
+        f"Over the {trim['modules']} modules the adapters share (`bench/llm/trim_energy.py`, "
+        "the package's own spaces and merges, unit weights, λ 1): *kept*, the share of a "
+        "task's energy ‖Xₜ‖² its trim keeps; *retained*, ⟨merge, Xₜ⟩ / ‖Xₜ‖², how much of "
+        "the task the merge still holds; *merge energy*, ‖merge‖² / Σₜ‖Xₜ‖². Task "
+        "arithmetic is the same in both spaces (lossless).",
+        "",
+        "| space | merge | figure | " + " | ".join(names) + " | merge energy |",
+        "|---|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for space, by_merge in trim["spaces"].items():
+        for merge, figures in by_merge.items():
+            title = "task arithmetic" if merge == "ta" else f"TIES, density {merge}"
+            for figure in ("kept", "retained"):
+                if figure in figures:
+                    cells = " | ".join(f"{figures[figure][n]:.3f}" for n in names)
+                    energy = f"{figures['merge_energy']:.3f}" if figure == "retained" else ""
+                    lines.append(f"| {space} | {title} | {figure} | {cells} | {energy} |")
+    return lines
