@@ -48,12 +48,13 @@ def geometric(low: float, high: float, count: int = EVALUATIONS) -> str:
 
 
 # (method, space) -> the grid and the search, both of EVALUATIONS points; the ranges
-# hold every value the grid tries
+# hold every value the grid tries. Run in this order (a rerun resumes where one stopped):
+# run.py's best core merge first, then core against full TIES, then TSV.
 STUDY = {
+    ("iso_cts", "core"): (f"lambda={geometric(0.5, 4)}", f"lambda=0.5:4:log {WEIGHTS}"),
     ("ties", "core"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
     ("ties", "full"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
     ("tsv", "core"): (f"lambda={geometric(0.1, 2)}", f"lambda=0.1:2:log {WEIGHTS}"),
-    ("iso_cts", "core"): (f"lambda={geometric(0.5, 4)}", f"lambda=0.5:4:log {WEIGHTS}"),
 }
 # DARE-TIES: the grid only, down to λ 0.125 in both spaces (run.py's stopped at 0.5)
 DARE_TIES_GRID = "lambda=0.125,0.25,0.375,0.5,0.75,1,1.5,2 density=0.3,0.7"
@@ -71,18 +72,20 @@ def arms(smoke: bool) -> dict[str, dict]:
         head = f"merge_method={run.SPACES[space]} merge={method}"
         trials = 2 if smoke else EVALUATIONS
         out[f"{method} · {space} · grid"] = dict(grid=[f"{head} {grid}"])
+        # the search prunes (the tuner's --prune): a hopeless trial stops after a third of
+        # each task, so its 40 evaluations cost less than the grid's
         out[f"{method} · {space} · search"] = dict(
-            grid=[f"{head} {search}"], search="tpe", trials=trials
+            grid=[f"{head} {search}"], search="tpe", trials=trials, prune=True
         )
-    for (method, space), grid in ({} if smoke else GRIDS).items():
-        head = f"merge_method={run.SPACES[space]} merge={method}"
-        out[f"{method} · {space} · grid"] = dict(grid=[f"{head} {grid}"])
     for scaled in (True, False):
         grid = "merge=ties lambda=1 density=0.5" if smoke else KNOTS_GRID
         tasks = "S·Vₜ" if scaled else "Vₜ"
         out[f"ties · knots ({tasks}) · grid"] = dict(
             grid=[f"merge_method=knots {grid} knots_scale_tasks={str(scaled).lower()}"]
         )
+    for (method, space), grid in ({} if smoke else GRIDS).items():
+        head = f"merge_method={run.SPACES[space]} merge={method}"
+        out[f"{method} · {space} · grid"] = dict(grid=[f"{head} {grid}"])
     return out
 
 
@@ -100,14 +103,11 @@ def main() -> None:
         work = tempfile.mkdtemp(prefix="llm-search-")
         plan = dict(run.SMOKE if args.smoke else run.FULL)
         plan["cache"] = os.path.join(work, "cache") if args.smoke else args.cache
+        os.makedirs(out, exist_ok=True)
         try:
-            saved = study(plan, work, args.smoke)
+            study(plan, work, args.smoke, save=lambda saved: dump(saved, paths["saved"]))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(out, exist_ok=True)
-        with open(paths["saved"], "w", encoding="utf-8") as handle:
-            json.dump(saved, handle, indent=1, ensure_ascii=False)
-            handle.write("\n")
     with open(paths["saved"], encoding="utf-8") as handle:
         page = render(json.load(handle))
     with open(paths["page"], "w", encoding="utf-8") as handle:
@@ -115,50 +115,109 @@ def main() -> None:
     print(page)
 
 
-def study(plan: dict, work: str, smoke: bool) -> dict:
+def dump(data, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
+
+
+def cached(path: str, key, compute):
+    """``compute()``, kept in ``path`` beside the tuner's studies under ``key``: a rerun
+    after a kill scores on test only what it had not scored."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            kept = json.load(handle)
+        if kept["key"] == key:
+            return kept["value"]
+    value = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    dump({"key": key, "value": value}, path)
+    return value
+
+
+def study(plan: dict, work: str, smoke: bool, save) -> None:
+    """Every arm in turn; ``save`` gets the results after each one (``complete`` at the end)."""
     started = time.perf_counter()
     bench = run.setup(plan, work, smoke)
     names = list(bench.scorer.tasks)
-    own, _, _ = run.own_adapters(bench, extras=False)
-    rows = {INDIVIDUAL: {"predictions": own}}
-    for label, settings in arms(smoke).items():
-        folder = label.replace(" · ", "-").replace(" ", "-").replace("(", "").replace(")", "")
-        tick = time.perf_counter()
-        merging = []
-        result = tune(
-            bench.recipe_path, bench.validation, metric=metrics(names), batch_size=16,
-            out=os.path.join(bench.tuning, "search", folder), random_seed=run.SEED,
-            progress=True, on_point=lambda _, times: merging.append(times.merge),  # noqa: B023
-            **settings,
-        )  # fmt: skip
-        seconds = time.perf_counter() - tick
-        model, _, written_seconds = run.written(bench, result.best.point, work)
-        rows[label] = {
-            "predictions": bench.scorer.hits(bench.scorer.answers(model)),
-            "chosen": result.best.point,
-            "validation_normalized": round(result.best.normalised_average, 4),
-            "evaluations": len(result.rows),
-            "tuning_seconds": round(seconds),  # 0-ish when resumed from the cache
-            "merging_seconds": round(sum(merging)),
-            "mergekit_yaml_seconds": round(written_seconds, 1),
-            "grid": settings["grid"][0],
-            "search": settings.get("search", "grid"),
-        }
-        del model
-        print(f"{label}: {rows[label]['validation_normalized']} on validation, {seconds:.0f} s")
-    return {
+    sizes = {name: len(bench.scorer.tasks[name].examples) for name in names}
+    kept = os.path.join(bench.tuning, "search")
+    own = cached(
+        os.path.join(kept, "own-test.json"), sizes,
+        lambda: run.own_adapters(bench, extras=False)[0],
+    )  # fmt: skip
+    saved = {
         "command": f"python bench/llm/search.py{' --smoke' if smoke else ''}",
         "date": time.strftime("%Y-%m-%d"),
-        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "minutes": 0.0,
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "model": "tiny random Llama (smoke)" if smoke else "SmolLM2-135M-Instruct (bf16)",
         "tasks": names,
-        "sizes": {name: len(bench.scorer.tasks[name].examples) for name in names},
+        "sizes": sizes,
         "validation": plan["validation"],
         "evaluations": 2 if smoke else EVALUATIONS,
-        "rows": rows,
+        "complete": False,
+        "arms": list(arms(smoke)),
+        "rows": {INDIVIDUAL: {"predictions": own}},
         "trim": trim_energy(bench.adapters, densities=(0.3, 0.5, 0.7)),
+    }
+    for label, settings in arms(smoke).items():
+        folder = label.replace(" · ", "-").replace(" ", "-").replace("(", "").replace(")", "")
+        spent = Spent(os.path.join(kept, folder, "seconds.json"))
+        result = tune(
+            bench.recipe_path, bench.validation, metric=metrics(names), batch_size=16,
+            out=os.path.join(kept, folder), random_seed=run.SEED, progress=True,
+            on_point=spent.add, **settings,
+        )  # fmt: skip
+        point = result.best.point
+        saved["rows"][label] = {
+            **cached(
+                os.path.join(kept, folder, "test.json"), [point, sizes],
+                lambda: on_test(bench, point, work),  # noqa: B023
+            ),
+            "chosen": point,
+            "validation_normalized": round(result.best.normalised_average, 4),
+            "evaluations": len(result.rows),
+            "tuning_seconds": round(spent.total["wall"]),
+            "merging_seconds": round(spent.total["merge"]),
+            "search_counts": {k: v for k, v in result.search.items() if isinstance(v, int)},
+            "grid": settings["grid"][0],
+            "search": settings.get("search", "grid"),
+        }  # fmt: skip
+        saved["minutes"] = round((time.perf_counter() - started) / 60, 1)
+        save(saved)
+        print(f"{label}: {saved['rows'][label]['validation_normalized']} on validation")
+    saved["complete"] = True
+    save(saved)
+
+
+class Spent:
+    """An arm's tuning time summed over its points, kept in ``path`` across resumed runs:
+    the wall time from the start (or the last point) to each point's end, and its merge."""
+
+    def __init__(self, path: str):
+        self.path, self.tick = path, time.perf_counter()
+        self.total = {"wall": 0.0, "merge": 0.0}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                self.total = json.load(handle)
+
+    def add(self, _, times) -> None:
+        now = time.perf_counter()
+        self.total["wall"] += now - self.tick
+        self.total["merge"] += times.merge
+        self.tick = now
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        dump(self.total, self.path)
+
+
+def on_test(bench, point: dict, work: str) -> dict:
+    """The point written by ``mergekit-yaml``, scored on test."""
+    model, _, written_seconds = run.written(bench, point, work)
+    return {
+        "predictions": bench.scorer.hits(bench.scorer.answers(model)),
+        "mergekit_yaml_seconds": round(written_seconds, 1),
     }
 
 

@@ -57,8 +57,11 @@ def render(saved: dict) -> str:
         f"({', '.join(f'{n} {k}' for n, k in saved['sizes'].items())} examples). Search and "
         f"grid of a method take the same number of evaluations ({saved['evaluations']}): the "
         "grid every point of its grid, the search (Optuna's TPE) as many trials over ranges "
-        "of λ, each adapter's weight and density. Normalized = merged / own adapter, averaged "
+        "of λ, each adapter's weight and density, stopping a hopeless trial after a third of "
+        "each task (the tuner's `--prune`). Tuning s: the arm's wall time on validation "
+        "(merging in brackets), summed over resumed runs. Normalized = merged / own adapter, averaged "
         "over tasks; brackets: 95 % bootstrap intervals (2000 resamples, stratified by task).",
+        *partial(saved),
         "",
         "| arm | evaluations | tuning s (merging) | chosen on validation | validation "
         "normalized | test average | test normalized | " + " | ".join(names) + " |",
@@ -74,7 +77,7 @@ def render(saved: dict) -> str:
             )
             continue
         lines.append(
-            f"| {label} | {row['evaluations']} | {row['tuning_seconds']} "
+            f"| {label} | {evaluations(row)} | {row['tuning_seconds']} "
             f"({row['merging_seconds']}) | {chosen_text(row['chosen'])} | "
             f"{row['validation_normalized']:.3f} | {report.ci(figure['average'])} | "
             f"{report.ci(figure['normalized'])} | {tasks} |"
@@ -100,6 +103,26 @@ def render(saved: dict) -> str:
             f"| {report.p_text(t['mcnemar_p'])} | {t['disagreements']} |"
         )
     return "\n".join([*lines, *trim_section(saved["trim"], names)]) + "\n"
+
+
+def partial(saved: dict) -> list[str]:
+    """A line naming the arms not yet measured, when the study stopped before its end."""
+    missing = [arm for arm in saved.get("arms", []) if arm not in saved["rows"]]
+    if saved.get("complete", True) or not missing:
+        return []
+    return [
+        "",
+        f"**Partial:** {len(saved['rows']) - 1} of {len(saved['arms'])} arms measured; not yet: "
+        f"{', '.join(missing)}. `python bench/llm/search.py` resumes where it stopped.",
+    ]
+
+
+def evaluations(row: dict) -> str:
+    """Trials of an arm, and how many of them the pruner stopped after a third."""
+    counts = row.get("search_counts", {})
+    if counts.get("pruned"):
+        return f"{counts['complete'] + counts['pruned']} ({counts['pruned']} pruned)"
+    return str(row["evaluations"])
 
 
 def trim_section(trim: dict, names) -> list[str]:
