@@ -59,8 +59,9 @@ def render(saved: dict) -> str:
         "grid every point of its grid, the search (Optuna's TPE) as many trials over ranges "
         "of λ, each adapter's weight and density, stopping a hopeless trial after a third of "
         "each task (the tuner's `--prune`). Tuning s: the arm's wall time on validation "
-        "(merging in brackets), summed over resumed runs. Normalized = merged / own adapter, averaged "
-        "over tasks; brackets: 95 % bootstrap intervals (2000 resamples, stratified by task).",
+        "(merging in brackets), summed over resumed runs. Normalized = merged / own "
+        "adapter, averaged over tasks; brackets: 95 % bootstrap intervals (2000 "
+        "resamples, stratified by task).",
         *partial(saved),
         "",
         "| arm | evaluations | tuning s (merging) | chosen on validation | validation "
