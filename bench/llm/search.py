@@ -2,7 +2,7 @@
 SmolLM2 adapters; the KnOTS space with and without its singular values on the tasks; and
 what TIES' trim keeps of each task in core and in full space.
 
-    python bench/llm/search.py            # ~90 min on 2 CPU cores (adapters cached by run.py)
+    python bench/llm/search.py            # hours on 2 CPU cores; a rerun resumes (see README)
     python bench/llm/search.py --render   # search.md again from search.json
     python bench/llm/search.py --smoke    # CI: a tiny random Llama, two tasks, seconds
 
