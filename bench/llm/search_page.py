@@ -49,9 +49,9 @@ def render(saved: dict) -> str:
     lines = [
         f"# Search against grid: {saved['model']}, {len(names)} LoRA adapters",
         "",
-        f"Command: `{saved['command']}`, {saved['date']}; {saved['minutes']:.1f} min on "
-        f"{saved['cpus']} CPUs ({saved['torch_threads']} torch threads). Every arm chooses on "
-        f"the validation split ({saved['validation']} examples a task) by "
+        f"Command: `{saved['command']}`, {saved['date']}; {saved['minutes']:.1f} min in "
+        f"its last run on {saved['cpus']} CPUs ({saved['torch_threads']} torch threads). "
+        f"Every arm chooses on the validation split ({saved['validation']} examples a task) by "
         "`mergekit_corespace.tune.tune` with the same seed; its choice is written by "
         "`mergekit-yaml` (bf16) and scored on test "
         f"({', '.join(f'{n} {k}' for n, k in saved['sizes'].items())} examples). Search and "
