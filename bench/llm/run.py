@@ -169,10 +169,15 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
-    with open(paths["predictions"], "w", encoding="utf-8") as handle:
-        json.dump(saved, handle, indent=1, ensure_ascii=False)
-        handle.write("\n")
+    write_json(saved, paths["predictions"])
     publish(saved, paths, chart=not (args.quick or args.smoke))
+
+
+def write_json(data, path: str) -> None:
+    """``data`` as the benchmark's pages keep it: indented, UTF-8, a final newline."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
 
 
 @dataclasses.dataclass

@@ -62,6 +62,7 @@ GRIDS = {("dare_ties", "core"): DARE_TIES_GRID, ("dare_ties", "full"): DARE_TIES
 # KnOTS' TIES with the tasks scaled by the singular values (S·Vₜ, as the KnOTS authors'
 # code, the default) and without (Vₜ, as the Core Space authors' KnOTS baseline)
 KNOTS_GRID = "merge=ties lambda=0.125,0.25,0.5,1 density=0.3,0.7"
+TRIM_DENSITIES = (0.3, 0.5, 0.7)
 SMOKE_STUDY = {("ties", "core"): ("lambda=0.5,1 density=0.5", f"lambda=0.5:1 {WEIGHTS}")}
 
 
@@ -105,7 +106,7 @@ def main() -> None:
         plan["cache"] = os.path.join(work, "cache") if args.smoke else args.cache
         os.makedirs(out, exist_ok=True)
         try:
-            study(plan, work, args.smoke, save=lambda saved: dump(saved, paths["saved"]))
+            study(plan, work, args.smoke, save=lambda saved: run.write_json(saved, paths["saved"]))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     with open(paths["saved"], encoding="utf-8") as handle:
@@ -113,12 +114,6 @@ def main() -> None:
     with open(paths["page"], "w", encoding="utf-8") as handle:
         handle.write(page)
     print(page)
-
-
-def dump(data, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, ensure_ascii=False)
-        handle.write("\n")
 
 
 def cached(path: str, key, compute):
@@ -131,7 +126,7 @@ def cached(path: str, key, compute):
             return kept["value"]
     value = compute()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    dump({"key": key, "value": value}, path)
+    run.write_json({"key": key, "value": value}, path)
     return value
 
 
@@ -142,6 +137,7 @@ def study(plan: dict, work: str, smoke: bool, save) -> None:
     names = list(bench.scorer.tasks)
     sizes = {name: len(bench.scorer.tasks[name].examples) for name in names}
     kept = os.path.join(bench.tuning, "search")
+    planned = arms(smoke)
     own = cached(
         os.path.join(kept, "own-test.json"), sizes,
         lambda: run.own_adapters(bench, extras=False)[0],
@@ -158,11 +154,15 @@ def study(plan: dict, work: str, smoke: bool, save) -> None:
         "validation": plan["validation"],
         "evaluations": 2 if smoke else EVALUATIONS,
         "complete": False,
-        "arms": list(arms(smoke)),
+        "arms": list(planned),
         "rows": {INDIVIDUAL: {"predictions": own}},
-        "trim": trim_energy(bench.adapters, densities=(0.3, 0.5, 0.7)),
+        "trim": cached(  # keyed as JSON keeps it: a list
+            os.path.join(kept, "trim.json"),
+            list(TRIM_DENSITIES),
+            lambda: trim_energy(bench.adapters, densities=TRIM_DENSITIES),
+        ),
     }
-    for label, settings in arms(smoke).items():
+    for label, settings in planned.items():
         folder = label.replace(" · ", "-").replace(" ", "-").replace("(", "").replace(")", "")
         spent = Spent(os.path.join(kept, folder, "seconds.json"))
         result = tune(
@@ -209,7 +209,7 @@ class Spent:
         self.total["merge"] += times.merge
         self.tick = now
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        dump(self.total, self.path)
+        run.write_json(self.total, self.path)
 
 
 def on_test(bench, point: dict, work: str) -> dict:
