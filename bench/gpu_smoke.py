@@ -13,9 +13,11 @@ for 10 minutes on one GPU; ``--part`` runs half of it):
    bfloat16 weights within one unit in the last place (of the larger of |W| and |W'|),
    merged adapters with the same kept ranks and the same product B·A (to 1e-10, or to
    the rounding of bfloat16 factors).
-2. One 14 336 × 4 096 module (six rank-16 adapters, Llama-3-8B's MLP shape) per space
-   and method, in float32 and float64: GPU wall time, ``torch.cuda.max_memory_allocated``,
-   and float32's error against float64.
+2. At 14 336 × 4 096 (Llama-3-8B's MLP shape): TIES's threshold by a sort against
+   ``kthvalue``, and a DARE mask drawn on the CPU (as merges do) against on the GPU; then
+   one module of six rank-16 adapters per space (``--spaces``; KnOTS last, its float64
+   SVDs take minutes) and method, in float32 and float64: GPU wall time,
+   ``torch.cuda.max_memory_allocated``, and float32's error against float64.
 
 Merges run in process through mergekit's own ``run_merge`` (and ``merge_adapters`` for
 adapters): the same code path as ``mergekit-yaml`` without a Python start per merge.
@@ -181,7 +183,7 @@ def merges(work: str, rows: list[str], device_options: dict, args) -> bool:
 SEED = {"random_seed": 7, "copy_tokenizer": False}
 
 
-def module_timings(rows: list[str]) -> None:
+def module_timings(rows: list[str], spaces: list[str]) -> None:
     from mergekit_corespace.options import MergeParameters
     from mergekit_corespace.pipeline import merge_factors
 
@@ -195,10 +197,12 @@ def module_timings(rows: list[str]) -> None:
         for _ in range(adapters)
     ]
     weights = [1.0] * adapters
+    warm = [(b.to("cuda"), a.to("cuda")) for b, a in factors64[:2]]  # CUDA and cuBLAS start-up
+    merge_factors(warm, [1.0, 1.0], MergeParameters(merge="tsv"), "full", seed=1).to_dense()
+    del warm
     # core first: a run cut short by its time limit still has the headline rows
-    for space, method in itertools.product(
-        ("core", "full", "knots"), ("ta", "ties", "dare", "tsv")
-    ):
+    ordered = [space for space in ("core", "full", "knots") if space in spaces]
+    for space, method in itertools.product(ordered, ("ta", "ties", "dare", "tsv")):
         results = {}
         for precision in ("float64", "float32"):
             dtype = getattr(torch, precision)
@@ -225,6 +229,52 @@ def module_timings(rows: list[str]) -> None:
         print(rows[-1], flush=True)
         del results
         torch.cuda.empty_cache()
+
+
+def gpu_seconds(work) -> tuple[float, object]:
+    """Wall seconds of ``work()`` on the GPU (after one untimed call), and its result."""
+    work()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = work()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
+def primitive_timings(rows: list[str]) -> None:
+    """The TIES threshold (a sort against ``kthvalue``) and the DARE mask (drawn on the CPU
+    in float64 and copied, as the merges do, against drawn on the GPU), at 14 336 × 4 096."""
+    m, n = 14336, 4096
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(m * n, generator=generator, dtype=torch.float64).abs().to("cuda")
+    k = m * n // 2
+    for dtype in (torch.float64, torch.float32):
+        typed = values.to(dtype)
+        by_sort, sorted_value = gpu_seconds(lambda typed=typed: typed.sort().values[k - 1])
+        by_kth, kth_value = gpu_seconds(lambda typed=typed: typed.kthvalue(k).values)
+        same = "same value" if bool(sorted_value == kth_value) else "DIFFERENT values"
+        rows.append(
+            f"| TIES threshold, {str(dtype).removeprefix('torch.')} | sort {by_sort:.3f} s "
+            f"| kthvalue {by_kth:.3f} s | {by_kth / by_sort:.1f}× | {same} |"
+        )
+        print(rows[-1], flush=True)
+    cpu_generator = torch.Generator().manual_seed(1)
+    gpu_generator = torch.Generator("cuda").manual_seed(1)
+    on_cpu, _ = gpu_seconds(
+        lambda: (
+            torch.rand((m, n), generator=cpu_generator, dtype=torch.float64, device="cpu") < 0.5
+        ).to("cuda")
+    )
+    on_gpu, _ = gpu_seconds(
+        lambda: (
+            torch.rand((m, n), generator=gpu_generator, dtype=torch.float64, device="cuda") < 0.5
+        )
+    )
+    rows.append(
+        f"| DARE mask (density 0.5) | CPU float64 + copy {on_cpu:.3f} s | on the GPU "
+        f"{on_gpu:.4f} s | {on_cpu / on_gpu:.0f}× | different draws (another generator) |"
+    )
+    print(rows[-1], flush=True)
 
 
 def main() -> None:
@@ -267,16 +317,39 @@ def main() -> None:
         "| float32 vs float64 (rel.) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    print("\n".join(timing_header), flush=True)
     timings: list[str] = []
+    primitives_header = [
+        "",
+        f"## Selection steps at {14336}×{4096} on {name}",
+        "",
+        "| step | today | other | ratio | |",
+        "|---|---|---|---|---|",
+    ]
+    primitives: list[str] = []
     if not args.cpu and args.part in ("all", "modules"):
-        module_timings(timings)
+        print("\n".join(primitives_header), flush=True)
+        primitive_timings(primitives)  # seconds: before the long KnOTS rows
+        print("\n".join(timing_header), flush=True)
+        module_timings(timings, args.spaces.split(","))
     minutes = (time.perf_counter() - started) / 60
     footer = f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'}; {minutes:.1f} min"
     print(footer)
     if args.results:
         with open(args.results, "w", encoding="utf-8") as handle:
-            handle.write("\n".join([*header, *rows, *timing_header, *timings, footer]) + "\n")
+            handle.write(
+                "\n".join(
+                    [
+                        *header,
+                        *rows,
+                        *primitives_header,
+                        *primitives,
+                        *timing_header,
+                        *timings,
+                        footer,
+                    ]
+                )
+                + "\n"
+            )
     sys.exit(0 if ok else 1)
 
 

@@ -179,6 +179,17 @@ def test_llm_search_bench_smoke(tmp_path):
     _run("bench/llm/search.py", "--render", "--out", str(tmp_path))
     assert (tmp_path / "search.md").read_text() == page
 
+    # a new machine resumes from the saved search.json: every arm kept, none rerun ...
+    again = _run("bench/llm/search.py", "--smoke", "--out", str(tmp_path))
+    assert again.count(": kept from ") == len(saved["arms"]), again[-2000:]
+    assert json.loads((tmp_path / "search.json").read_text())["rows"] == rows
+    # ... unless those arms came from other adapters (their own test answers differ)
+    own = rows["individual adapters (own task)"]["predictions"]
+    own["spam"] = "".join("1" if c == "0" else "0" for c in own["spam"])
+    (tmp_path / "search.json").write_text(json.dumps(saved))
+    other = _run("bench/llm/search.py", "--smoke", "--out", str(tmp_path))
+    assert "kept from" not in other and "came from other adapters" in other
+
 
 def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():
     sys.path.insert(0, str(REPO / "bench" / "llm"))

@@ -38,3 +38,21 @@ def test_memory_that_is_not_a_file_mapping_is_left_alone():
     copy = tensor.clone()
     assert release_file_pages(tensor, copy) == 0
     assert torch.equal(tensor, copy)
+
+
+def test_an_adapter_check_reads_proc_maps_once_per_256_mib_not_per_tensor(tmp_path, monkeypatch):
+    """check_finite releases the file's pages in batches: each release reads
+    /proc/self/maps, which takes milliseconds in a process with CUDA's mappings (hundreds
+    of tensors per adapter made it a third of an 8 B-shaped --cuda merge)."""
+    from mergekit_corespace import adapters, toy
+
+    base = toy.save_tiny_model(str(tmp_path / "base"))
+    adapter = adapters.LoraAdapter.open(toy.save_lora_adapter(base, str(tmp_path / "lora")))
+    calls = []
+    monkeypatch.setattr(adapters, "release_file_pages", lambda *t: calls.append(len(t)))
+    adapter.check_finite()
+    assert calls == [len(adapter.modules) * 2]  # every factor, in one release
+    calls.clear()
+    monkeypatch.setattr(adapters, "_RELEASE_AFTER_BYTES", 1)  # a huge tensor: released at once
+    adapter.check_finite()
+    assert calls == [1] * (len(adapter.modules) * 2) + [0]

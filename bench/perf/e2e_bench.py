@@ -2,7 +2,7 @@
 mergekit TIES on `base+adapter` references (which merges a model copy per adapter).
 
     python bench/perf/e2e_bench.py [--preset 8b|1b|small | --small] [--work DIR]
-                                   [--step all|default|shards|stock] [--repeat 2]
+                                   [--step all|default|shards|stock|none] [--repeat 2]
                                    [--skip-stock] [--cold] [--settle 20] [--cuda]
                                    [--modules-to-save] [--layers N] [--methods ties,tsv]
 
@@ -29,7 +29,9 @@ Before each run the previous output is deleted, then the machine is left idle fo
 still backs, up to 10× faster than into memory it has taken back (write_bench.py
 measures this), so without the pause whichever run starts first would be favoured.
 
-The 8b preset's steps each fit in 10 minutes on 2 CPU cores; run them one by one.
+`--cuda` then runs passthrough, core space on the CPU and core space with `--cuda` once each
+(with `--step none`, nothing else), and below 8b compares the CPU's and GPU's merged deltas
+in float32. The 8b preset's steps each fit in 10 minutes on 2 CPU cores; run them one by one.
 """
 
 from __future__ import annotations
@@ -190,7 +192,12 @@ def main() -> None:
         help="the CI-sized model (same as --preset small)",
     )
     parser.add_argument("--work", default=None, help="where models and outputs go")
-    parser.add_argument("--step", choices=("all", "default", "shards", "stock"), default="all")
+    parser.add_argument(
+        "--step",
+        choices=("all", "default", "shards", "stock", "none"),
+        default="all",
+        help="none: only the --cuda runs",
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument(
@@ -216,7 +223,7 @@ def main() -> None:
         m: write_config(os.path.join(work, f"{m.replace(':', '-')}.yml"), m, base, adapters)
         for m in ("passthrough", *cores, "ties")
     }
-    steps = ("default", "shards", "stock") if args.step == "all" else (args.step,)
+    steps = {"all": ("default", "shards", "stock"), "none": ()}.get(args.step, (args.step,))
     model = f"{args.preset} model ({directory_bytes(base) / 2**30:.1f} GiB, {base})"
     pair = {m: configs[m] for m in ("passthrough", *cores)}
 
@@ -271,12 +278,17 @@ def cuda(configs: dict, core: str, base: str, work: str, args) -> None:
 
     before = dict(cold=args.cold, settle=args.settle)
     floor = run(configs["passthrough"], work, "passthrough-cuda-floor", **before)[0]
-    cpu = run(configs[core], work, "core_space-cpu", **before)[0]
+    print(f"\npassthrough: {floor.wall_s:.1f} s", flush=True)  # each as it ends: a run cut
+    cpu = run(configs[core], work, "core_space-cpu", **before)[0]  # short keeps the others
+    print(f"core_space on the CPU: {cpu.wall_s:.1f} s", flush=True)
     measured = run(configs[core], work, "core_space-cuda", "--cuda", **before)[0]
     print(
         f"\n--cuda: {measured.wall_s:.1f} s ({cpu.wall_s / measured.wall_s:.1f}× faster than "
         f"the CPU run's {cpu.wall_s:.1f} s), {measured.wall_s / floor.wall_s:.2f}× passthrough"
     )
+    if args.preset == "8b":  # two float32 copies of 8 B parameters: 64 GB of disk
+        print("CPU vs GPU agreement not run at 8b (see bench/gpu_smoke.py for it)")
+        return
     # agreement, in float32 output, of the merged deltas (W' − W) on CPU and GPU
     fp32 = configs[core].replace(".yml", "-fp32.yml")
     with open(configs[core]) as src, open(fp32, "w") as dst:
