@@ -59,14 +59,13 @@ def main() -> None:
     recipe = recipe_file(os.path.join(args.work, "recipe.yml"), base, adapters)
     print(f"example ready in {time.perf_counter() - started:.0f} s", flush=True)
 
-    runs = {}
+    runs = []  # a list: --device cpu checks the script, the CPU against itself
     for device in ("cpu", args.device):
-        runs[device] = timed_tune(
-            recipe, data, args.grid, device, os.path.join(args.work, device), args.metric
-        )
-        print(f"{device}: tuned in {runs[device][2]:.1f} s", flush=True)
+        out = os.path.join(args.work, f"{device}-{len(runs)}")
+        runs.append(timed_tune(recipe, data, args.grid, device, out, args.metric))
+        print(f"{device}: tuned in {runs[-1][2]:.1f} s", flush=True)
 
-    (cpu, cpu_times, cpu_wall), (gpu, gpu_times, gpu_wall) = runs.values()
+    (cpu, cpu_times, cpu_wall), (gpu, gpu_times, gpu_wall) = runs
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     print(
         f"\nSmolLM2-135M-Instruct (bf16), 3 trained adapters, {args.examples} examples a "
