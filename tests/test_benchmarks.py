@@ -212,3 +212,30 @@ def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():
                 assert answer == str(a + b)
             else:
                 assert question.split()[-1] == answer
+
+
+def test_llm_training_autocasts_to_bf16_only_where_the_cpu_has_bf16(tmp_path, monkeypatch):
+    """Emulated bf16 trains 26× slower than float32 (bench/llm/train.py): a CPU without bf16
+    instructions trains in float32, under another cache key; the autocast key is unchanged."""
+    sys.path.insert(0, str(REPO / "bench" / "llm"))
+    import torch
+    import train
+
+    from mergekit_corespace import toy
+
+    native = train.bf16_autocast()
+    assert native == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    keys = {}
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(train, "bf16_autocast", lambda has_bf16=has_bf16: has_bf16)
+        keys[has_bf16] = train.cache_key("base", [([], "a")], 0)
+    assert keys[True] != keys[False]
+    autocasts = []
+    real = torch.autocast
+    monkeypatch.setattr(
+        torch, "autocast", lambda *a, **k: autocasts.append(k["enabled"]) or real(*a, **k)
+    )
+    base = toy.save_tiny_tokenizer(toy.save_tiny_model(str(tmp_path / "base")))
+    chats = [([{"role": "user", "content": "1 + 1?"}], "2")]
+    train.train_lora(base, chats, str(tmp_path / "lora"), seed=0, steps=2)
+    assert autocasts == [False, False]  # bf16_autocast is patched to False above
