@@ -44,9 +44,10 @@ def compute_dtype(
     where an SVD of a dense m×n matrix runs on an accelerator — KnOTS's space, full-space
     TSV / CART / Iso — as GPUs run float64 at 1/2–1/64 of float32's rate; there it is
     float32 (on an H200, 1/2, full-space TSV of an 8 B MLP module: 25.3 s in float64,
-    17.6 s in float32; bench/perf/README.md, "GPU timings"). TIES and DARE keep float64 everywhere: they keep or drop single entries, and
-    float32's rounding changes which (up to 75 % of the bf16 weights of a merged 8 B
-    module: bench/perf/README.md, "Precision"). So do weights saved whole: on tall ones
+    17.6 s in float32; bench/perf/README.md, "GPU timings"). TIES and DARE keep float64
+    everywhere: they keep or drop single entries, and float32's rounding changes which
+    (up to 75 % of the bf16 weights of a merged 8 B module: bench/perf/README.md,
+    "Precision"). So do weights saved whole: on tall ones
     their SVDs come from Gram matrices, whose float32 rounding floor is √(max(shape)·eps),
     12 % of σ_max at a 128k vocabulary."""
     if parameters.precision != "auto":
