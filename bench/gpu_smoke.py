@@ -242,16 +242,19 @@ def gpu_seconds(work) -> tuple[float, object]:
 
 
 def primitive_timings(rows: list[str]) -> None:
-    """The TIES threshold (a sort against ``kthvalue``) and the DARE mask (drawn on the CPU
-    in float64 and copied, as the merges do, against drawn on the GPU), at 14 336 × 4 096."""
+    """At 14 336 × 4 096, the merges' own TIES threshold (``kth_smallest``: a sort off the
+    CPU) against ``kthvalue``, and their DARE drop (``random_drop``: the mask drawn on the
+    CPU in float64 and copied) against a mask drawn on the GPU."""
+    from mergekit_corespace.merges import kth_smallest, random_drop
+
     m, n = 14336, 4096
     generator = torch.Generator().manual_seed(0)
-    values = torch.randn(m * n, generator=generator, dtype=torch.float64).abs().to("cuda")
+    task = torch.randn(m, n, generator=generator, dtype=torch.float64).to("cuda")
     k = m * n // 2
     for dtype in (torch.float64, torch.float32):
-        typed = values.to(dtype)
-        by_sort, sorted_value = gpu_seconds(lambda typed=typed: typed.sort().values[k - 1])
-        by_kth, kth_value = gpu_seconds(lambda typed=typed: typed.kthvalue(k).values)
+        values = task.to(dtype).abs().flatten()
+        by_sort, sorted_value = gpu_seconds(lambda values=values: kth_smallest(values, k))
+        by_kth, kth_value = gpu_seconds(lambda values=values: values.kthvalue(k).values)
         same = "same value" if bool(sorted_value == kth_value) else "DIFFERENT values"
         rows.append(
             f"| TIES threshold, {str(dtype).removeprefix('torch.')} | sort {by_sort:.3f} s "
@@ -260,18 +263,12 @@ def primitive_timings(rows: list[str]) -> None:
         print(rows[-1], flush=True)
     cpu_generator = torch.Generator().manual_seed(1)
     gpu_generator = torch.Generator("cuda").manual_seed(1)
-    on_cpu, _ = gpu_seconds(
-        lambda: (
-            torch.rand((m, n), generator=cpu_generator, dtype=torch.float64, device="cpu") < 0.5
-        ).to("cuda")
-    )
+    on_cpu, _ = gpu_seconds(lambda: random_drop(task, 0.5, cpu_generator))
     on_gpu, _ = gpu_seconds(
-        lambda: (
-            torch.rand((m, n), generator=gpu_generator, dtype=torch.float64, device="cuda") < 0.5
-        )
+        lambda: task * (torch.rand(task.shape, generator=gpu_generator, device="cuda") < 0.5) / 0.5
     )
     rows.append(
-        f"| DARE mask (density 0.5) | CPU float64 + copy {on_cpu:.3f} s | on the GPU "
+        f"| DARE drop (density 0.5) | mask on the CPU {on_cpu:.3f} s | mask on the GPU "
         f"{on_gpu:.4f} s | {on_cpu / on_gpu:.0f}× | different draws (another generator) |"
     )
     print(rows[-1], flush=True)

@@ -107,8 +107,9 @@ def main() -> None:
         os.makedirs(out, exist_ok=True)
         try:
             earlier = paths["saved"] if os.path.exists(paths["saved"]) else None
-            save = lambda saved: run.write_json(saved, paths["saved"])  # noqa: E731
-            study(plan, work, args.smoke, save, earlier)
+            study(
+                plan, work, args.smoke, lambda saved: run.write_json(saved, paths["saved"]), earlier
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     with open(paths["saved"], encoding="utf-8") as handle:

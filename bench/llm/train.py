@@ -74,6 +74,7 @@ def train_lora(
     random.Random(seed).shuffle(order)
     end = [tokenizer.convert_tokens_to_ids(tokenizer.eos_token)]
     model.train()
+    autocast = bf16_autocast()
     for step in range(steps):
         rows = []
         for k in range(step * size, (step + 1) * size):
@@ -89,7 +90,7 @@ def train_lora(
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast()):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
