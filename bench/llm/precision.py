@@ -6,8 +6,9 @@ For each chosen merge of ``bench/llm/predictions.json`` (same adapters, λ and d
 ``mergekit-yaml`` writes the model twice, with ``precision: float64`` and ``float32``, and
 both are scored on bench/llm's test split. Printed per merge: the normalized accuracy of
 each, their paired difference with a 95 % bootstrap interval, the test answers that
-changed, and the share of written bf16 weights that differ. The float64 model's answers
-are also checked against those saved in predictions.json (the same merge, rerun).
+changed, and the share of written weights that differ (in the dtype of the saved answers:
+bf16, or float32 where run.py ran on a CPU without bf16). The float64 model's answers are
+also checked against those saved in predictions.json (the same merge, rerun).
 Run on the CPU: the dtype, not the device, decides the rounding. About 20 minutes on
 2 cores with the adapters cached (``python bench/llm/run.py`` trains them).
 """
@@ -32,7 +33,7 @@ sys.path.insert(2, os.path.join(os.path.dirname(HERE), "accuracy"))
 import report  # noqa: E402
 import run  # noqa: E402
 import stats  # noqa: E402
-from answers import INDIVIDUAL, Scorer, agreement, load  # noqa: E402
+from answers import INDIVIDUAL, Scorer, agreement, load, short_dtype  # noqa: E402
 from measure import bf16_ulps, read_weights  # noqa: E402
 
 from mergekit_corespace import toy  # noqa: E402
@@ -89,13 +90,16 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         scorer = Scorer(AutoTokenizer.from_pretrained(base), test, plan["tasks"])
-        raw = yaml.safe_load(run.recipe_text(base, adapters))
+        # in the dtype of the saved answers (bf16, or float32 from a CPU without bf16)
+        dtype = saved.get("dtype", "bfloat16")
+        raw = yaml.safe_load(run.recipe_text(base, adapters, dtype))
         boot = stats.Bootstrap({name: len(v) for name, v in individual.items()})
         print(
             f"{saved['model']}, {len(adapters)} adapters, {len(individual)} tasks × {plan['test']} "
             f"test examples; adapters {'trained' if trained else 'cached'}\n\n"
             "| merge | float64 | float32 | float32 − float64 [95 % CI] | answers changed "
-            "| bf16 weights that differ | largest difference | float64 = saved answers |\n"
+            f"| {short_dtype(dtype)} weights that differ | largest difference (bf16 ulps) "
+            "| float64 = saved answers |\n"
             "|---|---|---|---|---|---|---|---|",
             flush=True,
         )
@@ -111,7 +115,7 @@ def main() -> None:
                 )
                 written[precision] = os.path.join(work, precision)
                 run.run_script("mergekit-yaml", path, written[precision])
-                answers[precision] = scorer.answers(load(written[precision]))
+                answers[precision] = scorer.answers(load(written[precision], dtype=dtype))
                 hits[precision] = {
                     name: [int(c) for c in h] for name, h in scorer.hits(answers[precision]).items()
                 }

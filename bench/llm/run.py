@@ -42,7 +42,17 @@ import chat_tasks  # noqa: E402
 import torch  # noqa: E402
 import train  # noqa: E402
 import yaml  # noqa: E402
-from answers import AGREEMENT, INDIVIDUAL, ZERO_SHOT, Scorer, agreement, load, metrics  # noqa: E402
+from answers import (  # noqa: E402
+    AGREEMENT,
+    DTYPE,
+    INDIVIDUAL,
+    ZERO_SHOT,
+    Scorer,
+    agreement,
+    load,
+    metrics,
+    short_dtype,
+)
 from page import publish  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -127,12 +137,16 @@ def train_adapters(base: str, tasks, plan: dict) -> tuple[dict[str, str], float]
     return adapters, seconds
 
 
-def recipe_text(base: str, adapters: dict[str, str]) -> str:
+def recipe_text(base: str, adapters: dict[str, str], dtype: str = DTYPE) -> str:
     models = "".join(f"  - model: {base}+{path}\n" for path in adapters.values())
     return (
         f"merge_method: core_space\nbase_model: {base}\nmodels:\n{models}"
-        "parameters: {merge: ta}\ndtype: bfloat16\n"
+        f"parameters: {{merge: ta}}\ndtype: {dtype}\n"
     )
+
+
+def model_label(smoke: bool) -> str:
+    return "tiny random Llama (smoke)" if smoke else f"SmolLM2-135M-Instruct ({short_dtype()})"
 
 
 def main() -> None:
@@ -323,7 +337,8 @@ def benchmark(plan: dict, work: str, args, started: float) -> dict:
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "model": "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (bf16)",
+        "model": model_label(args.smoke),
+        "dtype": DTYPE,
         "lora": train.LORA,
         "training": {**train.TRAINING, **({"steps": plan["steps"]} if "steps" in plan else {})},
         "adapters_trained_seconds": round(bench.trained_seconds),
