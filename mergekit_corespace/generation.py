@@ -138,6 +138,26 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+# oneDNN's own checks for native half-precision matrix products on this CPU
+_NATIVE_CPU_CHECKS = {
+    "bfloat16": "_is_mkldnn_bf16_supported",
+    "float16": "_is_mkldnn_fp16_supported",
+}
+
+
+def native_on_cpu(dtype: str | None) -> bool | None:
+    """Whether this CPU multiplies ``dtype`` matrices natively (bf16: AVX512-BF16 or AMX;
+    fp16: AVX512-FP16 or AMX-FP16): False where PyTorch emulates them, several times slower
+    than float32; None for other dtypes, or a torch that cannot tell."""
+    dtype = dtype.removeprefix("torch.") if dtype else dtype  # as mergekit reads it
+    if dtype not in _NATIVE_CPU_CHECKS:
+        return None
+    try:
+        return bool(getattr(torch.ops.mkldnn, _NATIVE_CPU_CHECKS[dtype])())
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -72,3 +72,32 @@ def test_a_model_point_scores_the_written_merge_in_its_dtype(tmp_path, extra, wr
     evaluator = Evaluator(AutoTokenizer.from_pretrained(base))
     for task in read_tasks(data, {"*": "loglik"}):
         assert evaluator.score(model, task) == result.best.scores[task.name]
+
+
+def test_native_on_cpu_is_onednns_own_check():
+    from mergekit_corespace.generation import native_on_cpu
+
+    mkldnn = torch.ops.mkldnn
+    assert native_on_cpu("bfloat16") is mkldnn._is_mkldnn_bf16_supported()
+    assert native_on_cpu("torch.float16") is mkldnn._is_mkldnn_fp16_supported()
+    assert native_on_cpu("float32") is None and native_on_cpu(None) is None
+
+
+@pytest.mark.parametrize("native", [False, True, None], ids=["emulated", "native", "unknown"])
+def test_scoring_in_a_dtype_the_cpu_emulates_is_said_before_any_point(
+    tmp_path, monkeypatch, caplog, native
+):
+    """A CPU without bf16 instructions scores a bf16 model ~7x slower than float32: the
+    tuner says so once, up front, and only then."""
+    from mergekit_corespace.tune import plan
+
+    asked = []
+    monkeypatch.setattr(plan, "native_on_cpu", lambda dtype: asked.append(dtype) or native)
+    _, data, recipe = _setup(tmp_path, torch.float32, "dtype: bfloat16\n")
+    with caplog.at_level("WARNING", logger="mergekit_corespace.tune"):
+        tune(recipe, data, ["lambda=1"], metric="loglik", out=tmp_path / "out", progress=False)
+    said = [r.getMessage() for r in caplog.records if "emulates" in r.getMessage()]
+    assert asked == ["bfloat16"]
+    assert len(said) == (1 if native is False else 0)
+    if said:
+        assert said[0].startswith("points are scored in bfloat16") and "dtype: float32" in said[0]

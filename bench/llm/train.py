@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergekit_corespace.generation import native_on_cpu
 from mergekit_corespace.toy import LLAMA_TARGETS
 
 LORA = dict(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=0.0)
@@ -26,12 +27,9 @@ TRAINING = dict(steps=60, batch_size=8, learning_rate=1e-3)
 
 
 def bf16_autocast() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16, AMX; oneDNN's
-    own check), so that training under bf16 autocast is faster, not slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without that check: float32 is safe
-        return False
+    """Whether this CPU runs bf16 matrix products natively, so that training under bf16
+    autocast is faster, not slower (a torch that cannot tell: float32 is safe)."""
+    return native_on_cpu("bfloat16") is True
 
 
 def cache_key(base: str, examples: Sequence[tuple[list[dict], str]], seed: int, **settings) -> str:
