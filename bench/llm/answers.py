@@ -33,6 +33,12 @@ def short_dtype(dtype: str = DTYPE) -> str:
     return "bf16" if dtype == "bfloat16" else dtype
 
 
+def saved_dtype(saved: dict) -> str:
+    """The dtype a saved run wrote and scored its models in (runs saved before it was
+    recorded were all bf16)."""
+    return saved.get("dtype", "bfloat16")
+
+
 def metrics(names) -> dict[str, str]:
     """The metric of each task file: exact match for the generated tasks, else choice."""
     return {name: "exact" for name in chat_tasks.GENERATED if name in names} | {"*": "choice"}

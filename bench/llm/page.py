@@ -13,7 +13,7 @@ sys.path[1:1] = [os.path.join(BENCH, "accuracy")]
 
 import report  # noqa: E402
 import stats  # noqa: E402
-from answers import AGREEMENT, INDIVIDUAL, SAMPLE_TOKENS, ZERO_SHOT, short_dtype  # noqa: E402
+from answers import AGREEMENT, INDIVIDUAL, SAMPLE_TOKENS, ZERO_SHOT, saved_dtype, short_dtype  # noqa: E402
 
 from mergekit_corespace.tune import at_grid_edge, grid_points  # noqa: E402
 
@@ -61,7 +61,7 @@ def render(saved: dict, result: dict) -> str:
         "Every merge: λ (and density) chosen on the validation split "
         f"({saved['plan']['validation']} examples per task) by `mergekit-corespace-tune`'s "
         "code from the grids at the end of this page, then written by `mergekit-yaml` "
-        f"({short_dtype(saved.get('dtype', 'bfloat16'))}) "
+        f"({short_dtype(saved_dtype(saved))}) "
         "and scored on test from the written checkpoint. *Adapter agreement*: the same recipe "
         "written by `mergekit-corespace-lora` and applied to the base with PEFT "
         f"(`merge_and_unload`) gives the same answer, on the first {AGREEMENT} test examples "

@@ -33,7 +33,7 @@ sys.path.insert(2, os.path.join(os.path.dirname(HERE), "accuracy"))
 import report  # noqa: E402
 import run  # noqa: E402
 import stats  # noqa: E402
-from answers import INDIVIDUAL, Scorer, agreement, load, short_dtype  # noqa: E402
+from answers import INDIVIDUAL, Scorer, agreement, load, saved_dtype, short_dtype  # noqa: E402
 from measure import bf16_ulps, read_weights  # noqa: E402
 
 from mergekit_corespace import toy  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         scorer = Scorer(AutoTokenizer.from_pretrained(base), test, plan["tasks"])
-        # in the dtype of the saved answers (bf16, or float32 from a CPU without bf16)
-        dtype = saved.get("dtype", "bfloat16")
+        dtype = saved_dtype(saved)  # bf16, or float32 from a CPU without bf16
         raw = yaml.safe_load(run.recipe_text(base, adapters, dtype))
         boot = stats.Bootstrap({name: len(v) for name, v in individual.items()})
         print(

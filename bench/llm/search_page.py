@@ -10,7 +10,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[1:1] = [os.path.join(os.path.dirname(HERE), "accuracy")]
 
 import report  # noqa: E402
-from answers import INDIVIDUAL, short_dtype  # noqa: E402
+from answers import INDIVIDUAL, saved_dtype, short_dtype  # noqa: E402
 
 
 def pairs(labels) -> list[tuple[str, str]]:
@@ -53,7 +53,7 @@ def render(saved: dict) -> str:
         f"its last run on {saved['cpus']} CPUs ({saved['torch_threads']} torch threads). "
         f"Every arm chooses on the validation split ({saved['validation']} examples a task) by "
         "`mergekit_corespace.tune.tune` with the same seed; its choice is written by "
-        f"`mergekit-yaml` ({short_dtype(saved.get('dtype', 'bfloat16'))}) and scored on test "
+        f"`mergekit-yaml` ({short_dtype(saved_dtype(saved))}) and scored on test "
         f"({', '.join(f'{n} {k}' for n, k in saved['sizes'].items())} examples). Search and "
         f"grid of a method take the same number of evaluations ({saved['evaluations']}): the "
         "grid every point of its grid, the search (Optuna's TPE) as many trials over ranges "
