@@ -157,7 +157,8 @@ def test_llm_bench_smoke(tmp_path):
 def test_llm_search_bench_smoke(tmp_path):
     """bench/llm/search.py end to end on a tiny random Llama: a grid and a TPE search of
     the same size, KnOTS scaled and unscaled, their choices scored on test and compared in
-    pairs; and what TIES keeps of each task, with task arithmetic alike in both spaces."""
+    pairs; what TIES keeps of each task, with task arithmetic alike in both spaces; and the
+    first task scored in weighted sums of the adapters."""
     import json
 
     _run("bench/llm/search.py", "--smoke", "--out", str(tmp_path))
@@ -182,19 +183,33 @@ def test_llm_search_bench_smoke(tmp_path):
         for space in ("core", "full"):
             kept = [spaces[space][d]["kept"][task] for d in ("0.3", "0.5", "0.7")]
             assert 0 < kept[0] < kept[1] < kept[2] <= 1 + 1e-6, kept
+    measured = saved["interference"]
+    task = measured["task"]
+    second = ({"spam", "sentiment"} - {task}).pop()
+    assert [row["weights"] for row in measured["rows"]] == [
+        {task: 0.25}, {task: 0.5}, {task: 1.0},  # alone; 1 is its own adapter
+        {task: 1.0, second: 1.0},  # with the other one (here: all of them)
+        {task: 1.0, second: 0.5}, {task: 1.0, second: 0.25},  # the others held lower
+        {task: 0.25, second: 0.25},  # run.py's task arithmetic at λ 0.25
+    ]  # fmt: skip
+    assert all(0 <= row["score"] <= 1 for row in measured["rows"])
+    assert f"| {task} alone at 1 |" in page and f"| all 2: {task} at 1, the others at 0.5 |" in page
     _run("bench/llm/search.py", "--render", "--out", str(tmp_path))
     assert (tmp_path / "search.md").read_text() == page
 
     # a new machine resumes from the saved search.json: every arm kept, none rerun ...
     again = _run("bench/llm/search.py", "--smoke", "--out", str(tmp_path))
     assert again.count(": kept from ") == len(saved["arms"]), again[-2000:]
-    assert json.loads((tmp_path / "search.json").read_text())["rows"] == rows
+    assert f"}}: {task} " not in again  # nor the merges of the task it loses
+    kept = json.loads((tmp_path / "search.json").read_text())
+    assert kept["rows"] == rows and kept["interference"] == measured
     # ... unless those arms came from other adapters (their own test answers differ)
     own = rows["individual adapters (own task)"]["predictions"]
     own["spam"] = "".join("1" if c == "0" else "0" for c in own["spam"])
     (tmp_path / "search.json").write_text(json.dumps(saved))
     other = _run("bench/llm/search.py", "--smoke", "--out", str(tmp_path))
     assert "kept from" not in other and "came from other adapters" in other
+    assert f"}}: {task} " in other
 
 
 def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():

@@ -31,6 +31,7 @@ sys.path[1:1] = [HERE, os.path.join(os.path.dirname(HERE), "accuracy")]
 import run  # noqa: E402
 import torch  # noqa: E402
 from answers import INDIVIDUAL, metrics  # noqa: E402
+from interference import interference  # noqa: E402
 from search_page import render  # noqa: E402
 from trim_energy import trim_energy  # noqa: E402
 
@@ -48,9 +49,12 @@ def geometric(low: float, high: float, count: int = EVALUATIONS) -> str:
 
 
 # (method, space) -> the grid and the search, both of EVALUATIONS points; the ranges
-# hold every value the grid tries. Run in this order (a rerun resumes where one stopped):
-# run.py's best core merge first, then core against full TIES, then TSV.
+# hold every value the grid tries. Run in this order, each search before its grid (a rerun
+# resumes where one stopped): task arithmetic, whose sum keeps each adapter at the
+# strength its weight gives (addition needs its own near 1 and the others' low:
+# interference.py), run.py's best core merge, then core against full TIES, then TSV.
 STUDY = {
+    ("ta", "core"): (f"lambda={geometric(0.05, 1)}", f"lambda=0.05:1:log {WEIGHTS}"),
     ("iso_cts", "core"): (f"lambda={geometric(0.5, 4)}", f"lambda=0.5:4:log {WEIGHTS}"),
     ("ties", "core"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
     ("ties", "full"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
@@ -72,12 +76,12 @@ def arms(smoke: bool) -> dict[str, dict]:
     for (method, space), (grid, search) in (SMOKE_STUDY if smoke else STUDY).items():
         head = f"merge_method={run.SPACES[space]} merge={method}"
         trials = 2 if smoke else EVALUATIONS
-        out[f"{method} · {space} · grid"] = dict(grid=[f"{head} {grid}"])
         # the search prunes (the tuner's --prune): a hopeless trial stops after a third of
         # each task, so its 40 evaluations cost less than the grid's
         out[f"{method} · {space} · search"] = dict(
             grid=[f"{head} {search}"], search="tpe", trials=trials, prune=True
         )
+        out[f"{method} · {space} · grid"] = dict(grid=[f"{head} {grid}"])
     for scaled in (True, False):
         grid = "merge=ties lambda=1 density=0.5" if smoke else KNOTS_GRID
         tasks = "S·Vₜ" if scaled else "Vₜ"
@@ -133,18 +137,18 @@ def cached(path: str, key, compute):
     return value
 
 
-def earlier_rows(path: str | None, own: list) -> dict:
-    """The arms an earlier run saved in ``path`` (a search.json, say the committed one: a
-    new machine has none of the cache), when its own adapters answered every test example
-    as these do, i.e. the same adapters; else none."""
+def earlier_run(path: str | None, own: list) -> dict:
+    """What an earlier run saved in ``path`` (a search.json, say the committed one: a new
+    machine has none of the cache), when its own adapters answered every test example as
+    these do, i.e. the same adapters; else nothing."""
     if path is None:
         return {}
     with open(path, encoding="utf-8") as handle:
-        rows = json.load(handle)["rows"]
-    if rows.get(INDIVIDUAL, {}).get("predictions") != own:
+        saved = json.load(handle)
+    if saved["rows"].get(INDIVIDUAL, {}).get("predictions") != own:
         print(f"{path}: its arms came from other adapters (own test answers differ); rerun")
         return {}
-    return rows
+    return saved
 
 
 def study(plan: dict, work: str, smoke: bool, save, earlier: str | None = None) -> None:
@@ -181,7 +185,22 @@ def study(plan: dict, work: str, smoke: bool, save, earlier: str | None = None) 
             lambda: trim_energy(bench.adapters, densities=TRIM_DENSITIES),
         ),
     }
-    done = earlier_rows(earlier, own)
+    before = earlier_run(earlier, own)
+    # the task the merges lose (addition on these adapters; the first in the smoke run)
+    task = "addition" if "addition" in names else names[0]
+    saved["interference"] = (
+        before["interference"]
+        if before.get("interference", {}).get("task") == task
+        else {
+            "task": task,
+            "rows": cached(
+                os.path.join(kept, "interference.json"), [task, sizes],
+                lambda: interference(bench.raw, bench.validation, task, metrics(names), work),
+            ),
+        }
+    )  # fmt: skip
+    save(saved)
+    done = before.get("rows", {})
     for label, settings in planned.items():
         kept_row = done.get(label, {})
         if (kept_row.get("grid"), kept_row.get("search")) == (

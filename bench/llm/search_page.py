@@ -103,6 +103,7 @@ def render(saved: dict) -> str:
             f"{high:+.3f}] | {report.p_text(t['bootstrap_p'])} | {report.p_text(t['holm_p'])} "
             f"| {report.p_text(t['mcnemar_p'])} | {t['disagreements']} |"
         )
+    lines += interference_section(saved.get("interference"), names)
     return "\n".join([*lines, *trim_section(saved["trim"], names)]) + "\n"
 
 
@@ -124,6 +125,47 @@ def evaluations(row: dict) -> str:
     if counts.get("pruned"):
         return f"{counts['complete'] + counts['pruned']} ({counts['pruned']} pruned)"
     return str(row["evaluations"])
+
+
+def interference_section(measured: dict | None, names) -> list[str]:
+    """The task the merges lose, scored in weighted sums of the adapters (runs saved before
+    it was measured have none)."""
+    if not measured:
+        return []
+    task = measured["task"]
+    lines = [
+        "",
+        f"## What takes {task} to 0",
+        "",
+        "Task arithmetic in core space at λ 1 (`bench/llm/interference.py`): the exact "
+        f"weighted sum of the adapters named, scored on {task}'s validation examples by the "
+        f"tuner. {task} alone at weight 1 is its own adapter.",
+        "",
+        f"| adapters merged (weights) | {task} on validation |",
+        "|---|---|",
+    ]
+    for row in measured["rows"]:
+        lines.append(f"| {weights_text(row['weights'], names, task)} | {row['score']:.3f} |")
+    return lines
+
+
+def weights_text(weights: dict, names, task: str) -> str:
+    """A merge's adapters and weights, in short."""
+    left_out = [name for name in names if name not in weights]
+    values = set(weights.values())
+    if len(weights) == 1:
+        return f"{task} alone at {weights[task]:g}"
+    if len(values) == 1 and not left_out:
+        return f"all {len(names)} at {values.pop():g}"
+    if len(values) == 1 and len(left_out) == 1:
+        return f"all but {left_out[0]}, at {values.pop():g}"
+    if len(weights) == 2 and len(values) == 1:
+        other = next(name for name in weights if name != task)
+        return f"{task} + {other}, at {values.pop():g}"
+    others = {weights[name] for name in weights if name != task}
+    if not left_out and len(others) == 1:
+        return f"all {len(names)}: {task} at {weights[task]:g}, the others at {others.pop():g}"
+    return ", ".join(f"{name} {weight:g}" for name, weight in weights.items())
 
 
 def trim_section(trim: dict, names) -> list[str]:
