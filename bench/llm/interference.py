@@ -38,11 +38,11 @@ def points(names: list[str], task: str) -> list[dict[str, float]]:
 
 
 def interference(
-    recipe: Mapping, validation: str, task: str, metric: Mapping[str, str], work: str
+    recipe: Mapping, validation: str, task: str, metric: str, work: str
 ) -> list[dict]:
     """``[{"weights": {adapter: weight}, "score": the task's validation accuracy}]``;
     ``recipe``: the benchmark's recipe of all adapters (each named by its task), parsed;
-    ``validation``: the folder of task files."""
+    ``validation``: the folder of task files; ``metric``: the task's."""
     names = [key[len("weight[") : -1] for key in adapter_keys(recipe)]
     data = os.path.join(work, "interference", "data")
     os.makedirs(data, exist_ok=True)
@@ -59,7 +59,7 @@ def interference(
         path = os.path.join(work, "interference", f"{number}.yml")
         result = tune(
             toy.write_yaml(path, yaml.safe_dump(merged, sort_keys=False)), data,
-            {"merge_method": ["core_space"], "lambda": [1.0]}, metric=metric,
+            {"merge_method": ["core_space"], "lambda": [1.0]}, metric={task: metric},
             out=os.path.join(work, "interference", str(number)), normalise=False,
             batch_size=16, progress=False,
         )  # fmt: skip

@@ -188,6 +188,7 @@ def study(plan: dict, work: str, smoke: bool, save, earlier: str | None = None) 
     before = earlier_run(earlier, own)
     # the task the merges lose (addition on these adapters; the first in the smoke run)
     task = "addition" if "addition" in names else names[0]
+    metric = metrics(names).get(task, metrics(names)["*"])
     saved["interference"] = (
         before["interference"]
         if before.get("interference", {}).get("task") == task
@@ -195,7 +196,7 @@ def study(plan: dict, work: str, smoke: bool, save, earlier: str | None = None) 
             "task": task,
             "rows": cached(
                 os.path.join(kept, "interference.json"), [task, sizes],
-                lambda: interference(bench.raw, bench.validation, task, metrics(names), work),
+                lambda: interference(bench.raw, bench.validation, task, metric, work),
             ),
         }
     )  # fmt: skip
