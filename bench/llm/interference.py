@@ -37,9 +37,7 @@ def points(names: list[str], task: str) -> list[dict[str, float]]:
     return [dict(p) for p in {tuple(sorted(p.items())): p for p in out}.values()]
 
 
-def interference(
-    recipe: Mapping, validation: str, task: str, metric: str, work: str
-) -> list[dict]:
+def interference(recipe: Mapping, validation: str, task: str, metric: str, work: str) -> list[dict]:
     """``[{"weights": {adapter: weight}, "score": the task's validation accuracy}]``;
     ``recipe``: the benchmark's recipe of all adapters (each named by its task), parsed;
     ``validation``: the folder of task files; ``metric``: the task's."""

@@ -1,8 +1,10 @@
 """Optuna's search against the grid at an equal number of evaluations, on bench/llm's six
-SmolLM2 adapters; the KnOTS space with and without its singular values on the tasks; and
-what TIES' trim keeps of each task in core and in full space.
+SmolLM2 adapters; the KnOTS space with and without its singular values on the tasks; what
+takes addition to 0 in the merges (``interference.py``); and what TIES' trim keeps of each
+task in core and in full space.
 
     python bench/llm/search.py            # hours on 2 CPU cores; a rerun resumes (see README)
+    python bench/llm/search.py --out DIR  # the study of DIR/search.json (e.g. search-float32)
     python bench/llm/search.py --render   # search.md again from search.json
     python bench/llm/search.py --smoke    # CI: a tiny random Llama, two tasks, seconds
 
@@ -111,9 +113,13 @@ def main() -> None:
         os.makedirs(out, exist_ok=True)
         try:
             earlier = paths["saved"] if os.path.exists(paths["saved"]) else None
+            command = "python bench/llm/search.py" + (" --smoke" if args.smoke else "")
+            if args.out and not args.smoke:  # the command that resumes this study
+                command += f" --out {os.path.relpath(out)}"
             study(
-                plan, work, args.smoke, lambda saved: run.write_json(saved, paths["saved"]), earlier
-            )
+                plan, work, args.smoke, lambda saved: run.write_json(saved, paths["saved"]),
+                earlier, command,
+            )  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
     with open(paths["saved"], encoding="utf-8") as handle:
@@ -151,7 +157,9 @@ def earlier_run(path: str | None, own: list) -> dict:
     return saved
 
 
-def study(plan: dict, work: str, smoke: bool, save, earlier: str | None = None) -> None:
+def study(
+    plan: dict, work: str, smoke: bool, save, earlier: str | None = None, command: str = ""
+) -> None:
     """Every arm in turn; ``save`` gets the results after each one (``complete`` at the end).
     Arms found in ``earlier`` with the same grid and search are kept, not rerun."""
     started = time.perf_counter()
@@ -165,7 +173,7 @@ def study(plan: dict, work: str, smoke: bool, save, earlier: str | None = None) 
         lambda: run.own_adapters(bench, extras=False)[0],
     )  # fmt: skip
     saved = {
-        "command": f"python bench/llm/search.py{' --smoke' if smoke else ''}",
+        "command": command,
         "date": time.strftime("%Y-%m-%d"),
         "minutes": 0.0,
         "cpus": os.cpu_count(),

@@ -83,7 +83,16 @@ def render(saved: dict) -> str:
             f"{row['validation_normalized']:.3f} | {report.ci(figure['average'])} | "
             f"{report.ci(figure['normalized'])} | {tasks} |"
         )
-    lines += [
+    lines += paired_section(tests)
+    lines += interference_section(saved.get("interference"), names)
+    return "\n".join([*lines, *trim_section(saved["trim"], names)]) + "\n"
+
+
+def paired_section(tests: list[dict]) -> list[str]:
+    """Each pair of arms compared on the same test examples (none until both are measured)."""
+    if not tests:
+        return []
+    lines = [
         "",
         "## Paired tests",
         "",
@@ -103,8 +112,7 @@ def render(saved: dict) -> str:
             f"{high:+.3f}] | {report.p_text(t['bootstrap_p'])} | {report.p_text(t['holm_p'])} "
             f"| {report.p_text(t['mcnemar_p'])} | {t['disagreements']} |"
         )
-    lines += interference_section(saved.get("interference"), names)
-    return "\n".join([*lines, *trim_section(saved["trim"], names)]) + "\n"
+    return lines
 
 
 def partial(saved: dict) -> list[str]:
@@ -115,7 +123,7 @@ def partial(saved: dict) -> list[str]:
     return [
         "",
         f"**Partial:** {len(saved['rows']) - 1} of {len(saved['arms'])} arms measured; not yet: "
-        f"{', '.join(missing)}. `python bench/llm/search.py` resumes where it stopped.",
+        f"{', '.join(missing)}. `{saved['command']}` resumes where it stopped.",
     ]
 
 
