@@ -118,7 +118,7 @@ def main() -> None:
                 command += f" --out {os.path.relpath(out)}"
             study(
                 plan, work, args.smoke, lambda saved: run.write_json(saved, paths["saved"]),
-                earlier, command,
+                earlier, command=command,
             )  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -158,10 +158,11 @@ def earlier_run(path: str | None, own: list) -> dict:
 
 
 def study(
-    plan: dict, work: str, smoke: bool, save, earlier: str | None = None, command: str = ""
+    plan: dict, work: str, smoke: bool, save, earlier: str | None = None, *, command: str
 ) -> None:
     """Every arm in turn; ``save`` gets the results after each one (``complete`` at the end).
-    Arms found in ``earlier`` with the same grid and search are kept, not rerun."""
+    Arms found in ``earlier`` with the same grid and search are kept, not rerun; ``command``
+    is the one that resumes it, as the page shows it."""
     started = time.perf_counter()
     bench = run.setup(plan, work, smoke)
     names = list(bench.scorer.tasks)
