@@ -11,7 +11,6 @@ task-arithmetic choice, λ 0.25).
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ import yaml
 
 from mergekit_corespace import toy
 from mergekit_corespace.tune import tune
-from mergekit_corespace.tune.grid import adapter_keys
+from mergekit_corespace.tune.grid import adapter_names, point_recipe
 
 ALONE = (0.25, 0.5, 1.0)
 OTHERS = (1.0, 0.5, 0.25)
@@ -41,19 +40,18 @@ def interference(recipe: Mapping, validation: str, task: str, metric: str, work:
     """``[{"weights": {adapter: weight}, "score": the task's validation accuracy}]``;
     ``recipe``: the benchmark's recipe of all adapters (each named by its task), parsed;
     ``validation``: the folder of task files; ``metric``: the task's."""
-    names = [key[len("weight[") : -1] for key in adapter_keys(recipe)]
+    names = adapter_names(recipe)
     data = os.path.join(work, "interference", "data")
     os.makedirs(data, exist_ok=True)
     shutil.copy(os.path.join(validation, f"{task}.jsonl"), data)
     rows = []
     for number, weights in enumerate(points(names, task)):
-        merged = copy.deepcopy(dict(recipe))
+        # the tuner's own recipe of a point with per-adapter weights, less the adapters left out
+        point = {"merge": "ta"} | {f"weight[{name}]": weight for name, weight in weights.items()}
+        merged = point_recipe(recipe, point)
         merged["models"] = [
-            {**entry, "parameters": {"weight": weights[name]}}
-            for entry, name in zip(recipe["models"], names, strict=True)
-            if name in weights
+            entry for entry, name in zip(merged["models"], names, strict=True) if name in weights
         ]
-        merged["parameters"] = {"merge": "ta"}
         path = os.path.join(work, "interference", f"{number}.yml")
         result = tune(
             toy.write_yaml(path, yaml.safe_dump(merged, sort_keys=False)), data,

@@ -197,7 +197,8 @@ def study(
     before = earlier_run(earlier, own)
     # the task the merges lose (addition on these adapters; the first in the smoke run)
     task = "addition" if "addition" in names else names[0]
-    metric = metrics(names).get(task, metrics(names)["*"])
+    by_task = metrics(names)
+    metric = by_task.get(task, by_task["*"])
     saved["interference"] = (
         before["interference"]
         if before.get("interference", {}).get("task") == task

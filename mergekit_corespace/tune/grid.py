@@ -105,10 +105,9 @@ def _parse_range(token: str, text: str) -> Range:
     return Range(low, high, log)
 
 
-def adapter_keys(recipe: Mapping[str, Any]) -> list[str]:
-    """Per entry of the recipe's ``models:``, its weight's key in a point: ``weight[NAME]``
-    with the adapter's directory (or Hub repository) name, or ``weight[N]`` (its position,
-    from 0) where two entries share a name."""
+def adapter_names(recipe: Mapping[str, Any]) -> list[str]:
+    """Per entry of the recipe's ``models:``, its adapter's directory (or Hub repository)
+    name, or its position from 0 (as text) where two entries share a name."""
     names = []
     for entry in recipe.get("models") or []:
         model = entry.get("model") if isinstance(entry, Mapping) else entry
@@ -116,7 +115,13 @@ def adapter_keys(recipe: Mapping[str, Any]) -> list[str]:
         names.append(os.path.basename(os.path.normpath(reference)))
     if len(set(names)) < len(names):
         names = [str(index) for index in range(len(names))]
-    return [f"{WEIGHT}[{name}]" for name in names]
+    return names
+
+
+def adapter_keys(recipe: Mapping[str, Any]) -> list[str]:
+    """Per entry of the recipe's ``models:``, its weight's key in a point: ``weight[NAME]``
+    (NAME from :func:`adapter_names`)."""
+    return [f"{WEIGHT}[{name}]" for name in adapter_names(recipe)]
 
 
 def expand_weights(grid: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:
