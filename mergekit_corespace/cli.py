@@ -107,7 +107,8 @@ def _tune_command():
         multiple=True,
         metavar="NAME=V1,V2|LOW:HIGH[:log] ...",
         help="values of top-level parameters, merge_method and weight (one dimension per "
-        "adapter) to try, e.g. 'lambda=0.5,1,2 merge=ta,ties density=0.3,0.7', or ranges for "
+        "adapter; weight[NAME] for adapter NAME alone) to try, e.g. 'lambda=0.5,1,2 "
+        "merge=ta,ties density=0.3,0.7', or ranges for "
         "a tpe/cmaes search, e.g. 'lambda=0.05:3:log weight=0:2'; repeatable "
         "[default: lambda=0.25,0.5,0.75,1,1.5]",
     )

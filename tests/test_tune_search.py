@@ -272,6 +272,8 @@ def test_a_study_refuses_another_search_space_and_resumes_the_same(setup, tmp_pa
         (["lambda=1"], {"search": "tpe", "trials": 0}, r"^--trials 0: must be at least 1"),
         ([{"lambda": [1]}, {"lambda": [2]}], {"search": "tpe"}, r"^--search tpe: searches one"),
         (["merge=ta,ties:x"], {"search": "tpe"}, r"^--grid merge=ta,ties:x: a range is LOW:HIGH"),
+        (["weight[c]=1"], {}, r"^--grid weight\[c\]=1: no adapter is named 'c' in models: \(adapt"),
+        (["weight[c]=0:1"], {"search": "tpe"}, r"^--grid weight\[c\]=0.0:1.0: no adapter is nam"),
     ],
 )
 def test_bad_search_settings_stop_before_any_work(setup, tmp_path, grid, settings, message):  # noqa: F811
@@ -279,6 +281,35 @@ def test_bad_search_settings_stop_before_any_work(setup, tmp_path, grid, setting
     with pytest.raises(CoreSpaceError, match=message):
         _tune(setup, out, grid, **settings)
     assert not out.exists()
+
+
+def test_one_adapters_weight_is_searched_alone_and_the_others_keep_their_recipes(setup):  # noqa: F811
+    result = _tune(setup, setup["root"] / "weight-b", ["lambda=1 weight[b]=0,1,2"])
+    assert [row.point for row in result.rows] == [
+        {"lambda": 1, "weight[b]": value} for value in (0, 1, 2)
+    ]
+    assert result.best.point == {"lambda": 1, "weight[b]": 1}
+    assert result.best.scores == {"a": 1.0, "b": 1.0}
+    models = yaml.safe_load(result.recipe)["models"]
+    assert "weight" not in (models[0].get("parameters") or {})  # a: the recipe's (1)
+    assert models[1]["parameters"]["weight"] == 1
+
+
+def test_per_adapter_weight_keys_expand_in_the_order_of_models():
+    from mergekit_corespace.tune.grid import expand_weights
+
+    recipe = {"models": [{"model": f"base+/adapters/{name}"} for name in ("a", "b", "c")]}
+    grid = parse_grid(["lambda=1 weight[c]=2 weight=0.5,1 density=0.3 weight[a]=0.1:1"])
+    expanded = expand_weights(grid, recipe)
+    assert list(expanded) == ["lambda", "weight[a]", "weight[b]", "weight[c]", "density"]
+    assert str(expanded["weight[a]"]) == "0.1:1.0"
+    assert expanded["weight[b]"] == [0.5, 1] and expanded["weight[c]"] == [2]
+    alone = expand_weights(parse_grid(["weight[b]=0:2 lambda=1"]), recipe)
+    assert list(alone) == ["weight[b]", "lambda"]  # a and c keep the recipe's weights
+    with pytest.raises(CoreSpaceError, match=r"--grid weight\[b\]=2: weight\[b\] is given twice"):
+        parse_grid(["weight[b]=1 weight[b]=2"])
+    with pytest.raises(CoreSpaceError, match=r"unknown parameter 'weight\[\]'"):
+        parse_grid(["weight[]=1"])
 
 
 def test_ranges_and_weights_parse():

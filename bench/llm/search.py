@@ -51,7 +51,7 @@ def geometric(low: float, high: float, count: int = EVALUATIONS) -> str:
 
 
 # (method, space) -> the grid and the search, both of EVALUATIONS points; the ranges
-# hold every value the grid tries. Run in this order, each search before its grid (a rerun
+# hold every value the grid tries. The searches run in this order, then the grids (a rerun
 # resumes where one stopped): task arithmetic, whose sum keeps each adapter at the
 # strength its weight gives (addition needs its own near 1 and the others' low:
 # interference.py), run.py's best core merge, then core against full TIES, then TSV.
@@ -212,7 +212,10 @@ def study(
     )  # fmt: skip
     save(saved)
     done = before.get("rows", {})
-    for label, settings in planned.items():
+    # every search before any grid: the searches are what may reach the goal; the page
+    # still shows each search beside its grid (the order of ``arms``)
+    for label in sorted(planned, key=lambda label: not label.endswith("· search")):
+        settings = planned[label]
         kept_row = done.get(label, {})
         if (kept_row.get("grid"), kept_row.get("search")) == (
             settings["grid"][0],

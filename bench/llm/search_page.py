@@ -68,8 +68,9 @@ def render(saved: dict) -> str:
         "normalized | test average | test normalized | " + " | ".join(names) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(names),
     ]
-    for label, row in rows.items():
-        figure = figures[label]
+    measured = [INDIVIDUAL, *(arm for arm in saved.get("arms", []) if arm in rows)]
+    for label in dict.fromkeys([*measured, *rows]):  # the arms' order, not the runs'
+        row, figure = rows[label], figures[label]
         tasks = " | ".join(f"{figure['tasks'][n][0]:.3f}" for n in names)
         if label == INDIVIDUAL:
             lines.append(

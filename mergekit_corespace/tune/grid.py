@@ -45,7 +45,8 @@ def parse_grid(
 ) -> dict[str, list | Range]:
     """``["lambda=0.5,1 merge=ta,ties", "density=0.1:0.9 weight=0:2"]`` (or a mapping) ->
     values (or a :class:`Range`) per key, each checked: a known top-level parameter,
-    ``merge_method`` or ``weight``, listed once."""
+    ``merge_method``, ``weight`` (every adapter) or ``weight[NAME]`` (adapter NAME alone,
+    checked against the recipe by :func:`expand_weights`), listed once."""
     if specs is None or len(specs) == 0:
         return {key: list(values) for key, values in DEFAULT_GRID.items()}
     if isinstance(specs, Mapping):
@@ -69,9 +70,10 @@ def parse_grid(
                     items.append((key, [yaml.safe_load(v) for v in values.split(",")], token))
     grid: dict[str, list | Range] = {}
     for key, values, token in items:
-        if key not in GRID_KEYS:
+        if key not in GRID_KEYS and not is_adapter_weight(key):
             raise CoreSpaceError(
-                f"--grid {token}: unknown parameter {key!r} (known: {', '.join(GRID_KEYS)})"
+                f"--grid {token}: unknown parameter {key!r} (known: {', '.join(GRID_KEYS)}, "
+                f"and {WEIGHT}[NAME] for the adapter NAME alone)"
             )
         if key in grid:
             raise CoreSpaceError(f"--grid {token}: {key} is given twice")
@@ -87,6 +89,11 @@ def parse_grid(
             raise CoreSpaceError(f"--grid {token}: no values")
         grid[key] = list(dict.fromkeys(values))  # a value listed twice is one point
     return grid
+
+
+def is_adapter_weight(key: str) -> bool:
+    """Whether ``key`` names one adapter's weight: ``weight[NAME]``."""
+    return key.startswith(f"{WEIGHT}[") and key.endswith("]") and len(key) > len(WEIGHT) + 2
 
 
 def _parse_range(token: str, text: str) -> Range:
@@ -125,11 +132,23 @@ def adapter_keys(recipe: Mapping[str, Any]) -> list[str]:
 
 
 def expand_weights(grid: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """``weight`` replaced by one key per adapter, each with its values (or range)."""
+    """``weight`` and ``weight[NAME]`` replaced by one key per adapter, in the order of
+    ``models:``, each with its own values (or range) where given, else ``weight``'s; an
+    adapter given neither keeps the weight its recipe gives it."""
+    keys = adapter_keys(recipe)
+    for key, values in grid.items():
+        if is_adapter_weight(key) and key not in keys:
+            shown = values if isinstance(values, Range) else ",".join(map(str, values))
+            raise CoreSpaceError(
+                f"--grid {key}={shown}: no adapter is named {key[len(WEIGHT) + 1 : -1]!r} "
+                f"in models: (adapters: {', '.join(adapter_names(recipe))})"
+            )
     expanded = {}
     for key, values in grid.items():
-        if key == WEIGHT:
-            expanded.update({name: values for name in adapter_keys(recipe)})
+        if key == WEIGHT or is_adapter_weight(key):
+            for name in keys:  # all of them at the first weight key
+                if name not in expanded and (name in grid or WEIGHT in grid):
+                    expanded[name] = grid.get(name, grid.get(WEIGHT))
         else:
             expanded[key] = values
     return expanded

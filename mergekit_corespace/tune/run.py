@@ -78,8 +78,10 @@ def tune(
             ``{"lambda": [0.5, 1, 2]}``, or a list of such mappings (their points, in
             order: e.g. a λ range per inner method); default ``lambda=0.25,0.5,0.75,1,1.5``.
             ``weight=0.5,1`` (or ``weight=0:2``) is one dimension per adapter, written into
-            each model's ``parameters.weight``; ``LOW:HIGH[:log]`` (or a :class:`~mergekit_
-            corespace.tune.grid.Range`) is a range, for a tpe or cmaes search.
+            each model's ``parameters.weight``, ``weight[NAME]`` the weight of adapter NAME
+            alone (an adapter given neither keeps its recipe's); ``LOW:HIGH[:log]`` (or a
+            :class:`~mergekit_corespace.tune.grid.Range`) is a range, for a tpe or cmaes
+            search.
         search: ``grid`` (every point: queued λ group by λ group, or taken from Optuna's
             ``GridSampler`` by workers sharing a study), ``tpe`` or ``cmaes`` (``trials``
             points drawn from the grid's values and ranges, default 40), seeded by
