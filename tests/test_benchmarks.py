@@ -1,5 +1,6 @@
 """The benchmarks run (smoke-sized, no timing assertions) and the task data are sound."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,13 @@ def test_llm_search_bench_smoke(tmp_path):
     ]  # fmt: skip
     assert all(0 <= row["score"] <= 1 for row in measured["rows"])
     assert f"| {task} alone at 1 |" in page and f"| all 2: {task} at 1, the others at 0.5 |" in page
+    # the search's trials kept with their validation scores, binned by the task's weight ratio
+    trials = search["trials"]
+    assert 1 <= len(trials) <= 2 and all(set(t["scores"]) == {"spam", "sentiment"} for t in trials)
+    assert any(t["point"] == search["chosen"] for t in trials)
+    binned = page.split(f"## How {task} answers its own weight")[1]
+    counts = re.findall(r"\((\d+)\)", binned.split("| ties · core · search |")[1].split("\n")[0])
+    assert sum(map(int, counts)) == len(trials)
     _run("bench/llm/search.py", "--render", "--out", str(tmp_path))
     assert (tmp_path / "search.md").read_text() == page
 

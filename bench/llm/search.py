@@ -217,9 +217,10 @@ def study(
     for label in sorted(planned, key=lambda label: not label.endswith("· search")):
         settings = planned[label]
         kept_row = done.get(label, {})
-        if (kept_row.get("grid"), kept_row.get("search")) == (
+        if (kept_row.get("grid"), kept_row.get("search"), "trials" in kept_row) == (
             settings["grid"][0],
             settings.get("search", "grid"),
+            True,
         ):
             saved["rows"][label] = kept_row
             print(f"{label}: kept from {earlier}")
@@ -245,6 +246,8 @@ def study(
             "search_counts": {k: v for k, v in result.search.items() if isinstance(v, int)},
             "grid": settings["grid"][0],
             "search": settings.get("search", "grid"),
+            # every point scored whole on validation (pruned ones are not)
+            "trials": [{"point": row.point, "scores": row.scores} for row in result.rows],
         }  # fmt: skip
         saved["minutes"] = round((time.perf_counter() - started) / 60, 1)
         save(saved)

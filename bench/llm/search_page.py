@@ -3,6 +3,7 @@ and test accuracy with 95 % intervals, paired tests between arms, and the trim's
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -86,6 +87,7 @@ def render(saved: dict) -> str:
         )
     lines += paired_section(tests)
     lines += interference_section(saved.get("interference"), names)
+    lines += weight_response_section(saved, names)
     return "\n".join([*lines, *trim_section(saved["trim"], names)]) + "\n"
 
 
@@ -155,6 +157,47 @@ def interference_section(measured: dict | None, names) -> list[str]:
     ]
     for row in measured["rows"]:
         lines.append(f"| {weights_text(row['weights'], names, task)} | {row['score']:.3f} |")
+    return lines
+
+
+RATIO_EDGES = (0.5, 1, 2, 3)  # of a task's weight to the others' geometric mean
+
+
+def weight_response_section(saved: dict, names) -> list[str]:
+    """The lost task's validation score in the searches' trials, by how far its weight
+    stands above the others' (λ cancels out of the ratio): whether the method lets a
+    weight bring the task back."""
+    task = (saved.get("interference") or {}).get("task")
+    key = f"weight[{task}]"
+    arms = {
+        label: row["trials"]
+        for label, row in saved["rows"].items()
+        if any(key in trial["point"] for trial in row.get("trials", []))
+    }
+    if not arms:
+        return []
+    edges = ["0", *(f"{edge:g}" for edge in RATIO_EDGES), "∞"]
+    bins = [f"{low}–{high}" for low, high in zip(edges, edges[1:])]
+    lines = [
+        "",
+        f"## How {task} answers its own weight",
+        "",
+        f"Every trial of each search scored whole on validation (pruned ones are not): "
+        f"{task}'s mean score (trials in brackets) by the ratio of its weight to the "
+        "geometric mean of the other adapters' weights.",
+        "",
+        f"| arm \\ {task}'s weight / the others' | " + " | ".join(bins) + " |",
+        "|---|" + "---|" * len(bins),
+    ]
+    for label, trials in arms.items():
+        found: list[list[float]] = [[] for _ in bins]
+        for trial in trials:
+            point = trial["point"]
+            others = [point[f"weight[{n}]"] for n in names if n != task]
+            ratio = point[key] / math.prod(others) ** (1 / len(others))
+            found[sum(ratio >= edge for edge in RATIO_EDGES)].append(trial["scores"][task])
+        cells = [f"{sum(s) / len(s):.3f} ({len(s)})" if s else "" for s in found]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
