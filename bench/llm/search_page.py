@@ -176,8 +176,8 @@ def weight_response_section(saved: dict, names) -> list[str]:
     }
     if not arms:
         return []
-    edges = ["0", *(f"{edge:g}" for edge in RATIO_EDGES), "∞"]
-    bins = [f"{low}–{high}" for low, high in zip(edges, edges[1:])]
+    edges = [f"{edge:g}" for edge in RATIO_EDGES]
+    bins = [f"< {edges[0]}", *(f"{a}–{b}" for a, b in zip(edges, edges[1:])), f"≥ {edges[-1]}"]
     lines = [
         "",
         f"## How {task} answers its own weight",
