@@ -193,7 +193,7 @@ def weight_response_section(saved: dict, names) -> list[str]:
         found: list[list[float]] = [[] for _ in bins]
         for trial in trials:
             point = trial["point"]
-            others = [point[f"weight[{n}]"] for n in names if n != task]
+            others = [point.get(f"weight[{n}]", 1.0) for n in names if n != task]  # 1: unset
             ratio = point[key] / math.prod(others) ** (1 / len(others))
             found[sum(ratio >= edge for edge in RATIO_EDGES)].append(trial["scores"][task])
         cells = [f"{sum(s) / len(s):.3f} ({len(s)})" if s else "" for s in found]
