@@ -19,7 +19,7 @@ import yaml
 
 from mergekit_corespace import toy
 from mergekit_corespace.tune import tune
-from mergekit_corespace.tune.grid import adapter_names, point_recipe
+from mergekit_corespace.tune.grid import adapter_names, point_recipe, weight_key
 
 ALONE = (0.25, 0.5, 1.0)
 OTHERS = (1.0, 0.5, 0.25)
@@ -47,7 +47,7 @@ def interference(recipe: Mapping, validation: str, task: str, metric: str, work:
     rows = []
     for number, weights in enumerate(points(names, task)):
         # the tuner's own recipe of a point with per-adapter weights, less the adapters left out
-        point = {"merge": "ta"} | {f"weight[{name}]": weight for name, weight in weights.items()}
+        point = {"merge": "ta"} | {weight_key(name): weight for name, weight in weights.items()}
         merged = point_recipe(recipe, point)
         merged["models"] = [
             entry for entry, name in zip(merged["models"], names, strict=True) if name in weights

@@ -217,10 +217,9 @@ def study(
     for label in sorted(planned, key=lambda label: not label.endswith("· search")):
         settings = planned[label]
         kept_row = done.get(label, {})
-        if (kept_row.get("grid"), kept_row.get("search"), "trials" in kept_row) == (
+        if "trials" in kept_row and (kept_row["grid"], kept_row["search"]) == (
             settings["grid"][0],
             settings.get("search", "grid"),
-            True,
         ):
             saved["rows"][label] = kept_row
             print(f"{label}: kept from {earlier}")

@@ -13,6 +13,8 @@ sys.path[1:1] = [os.path.join(os.path.dirname(HERE), "accuracy")]
 import report  # noqa: E402
 from answers import INDIVIDUAL, saved_dtype, short_dtype  # noqa: E402
 
+from mergekit_corespace.tune.grid import weight_key  # noqa: E402
+
 
 def pairs(labels) -> list[tuple[str, str]]:
     """The arms compared on the same test examples: search against grid for each method and
@@ -168,7 +170,7 @@ def weight_response_section(saved: dict, names) -> list[str]:
     stands above the others' (λ cancels out of the ratio): whether the method lets a
     weight bring the task back."""
     task = (saved.get("interference") or {}).get("task")
-    key = f"weight[{task}]"
+    key = weight_key(task)
     arms = {
         label: row["trials"]
         for label, row in saved["rows"].items()
@@ -193,7 +195,7 @@ def weight_response_section(saved: dict, names) -> list[str]:
         found: list[list[float]] = [[] for _ in bins]
         for trial in trials:
             point = trial["point"]
-            others = [point.get(f"weight[{n}]", 1.0) for n in names if n != task]  # 1: unset
+            others = [point.get(weight_key(n), 1.0) for n in names if n != task]  # 1: unset
             ratio = point[key] / math.prod(others) ** (1 / len(others))
             found[sum(ratio >= edge for edge in RATIO_EDGES)].append(trial["scores"][task])
         cells = [f"{sum(s) / len(s):.3f} ({len(s)})" if s else "" for s in found]

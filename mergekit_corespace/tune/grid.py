@@ -91,6 +91,11 @@ def parse_grid(
     return grid
 
 
+def weight_key(name: str) -> str:
+    """The key of adapter ``name``'s weight in a point: ``weight[NAME]``."""
+    return f"{WEIGHT}[{name}]"
+
+
 def is_adapter_weight(key: str) -> bool:
     """Whether ``key`` names one adapter's weight: ``weight[NAME]``."""
     return key.startswith(f"{WEIGHT}[") and key.endswith("]") and len(key) > len(WEIGHT) + 2
@@ -128,7 +133,7 @@ def adapter_names(recipe: Mapping[str, Any]) -> list[str]:
 def adapter_keys(recipe: Mapping[str, Any]) -> list[str]:
     """Per entry of the recipe's ``models:``, its weight's key in a point: ``weight[NAME]``
     (NAME from :func:`adapter_names`)."""
-    return [f"{WEIGHT}[{name}]" for name in adapter_names(recipe)]
+    return [weight_key(name) for name in adapter_names(recipe)]
 
 
 def expand_weights(grid: Mapping[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:
