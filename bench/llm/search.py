@@ -54,13 +54,14 @@ def geometric(low: float, high: float, count: int = EVALUATIONS) -> str:
 # hold every value the grid tries. The searches run in this order, then the grids (a rerun
 # resumes where one stopped): task arithmetic, whose sum keeps each adapter at the
 # strength its weight gives (addition needs its own near 1 and the others' low:
-# interference.py), run.py's best core merge, then core against full TIES, then TSV.
+# interference.py), run.py's best core merge, core TIES, TSV (which keeps each task's
+# singular values, so a weight sets its strength), then full-space TIES.
 STUDY = {
     ("ta", "core"): (f"lambda={geometric(0.05, 1)}", f"lambda=0.05:1:log {WEIGHTS}"),
     ("iso_cts", "core"): (f"lambda={geometric(0.5, 4)}", f"lambda=0.5:4:log {WEIGHTS}"),
     ("ties", "core"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
-    ("ties", "full"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
     ("tsv", "core"): (f"lambda={geometric(0.1, 2)}", f"lambda=0.1:2:log {WEIGHTS}"),
+    ("ties", "full"): (TIES_GRID, f"lambda=0.1:2:log density=0.1:0.9 {WEIGHTS}"),
 }
 # DARE-TIES: the grid only, down to λ 0.125 in both spaces (run.py's stopped at 0.5)
 DARE_TIES_GRID = "lambda=0.125,0.25,0.375,0.5,0.75,1,1.5,2 density=0.3,0.7"
@@ -212,9 +213,11 @@ def study(
     )  # fmt: skip
     save(saved)
     done = before.get("rows", {})
-    # every search before any grid: the searches are what may reach the goal; the page
-    # still shows each search beside its grid (the order of ``arms``)
-    for label in sorted(planned, key=lambda label: not label.endswith("· search")):
+    # every search before any grid (the searches are what may reach the goal), then KnOTS
+    # (what the core merges are set against), then the other grids; the page still shows
+    # each search beside its grid (the order of ``arms``)
+    turn = {label: (not label.endswith("· search"), "knots" not in label) for label in planned}
+    for label in sorted(planned, key=turn.get):
         settings = planned[label]
         kept_row = done.get(label, {})
         if "trials" in kept_row and (kept_row["grid"], kept_row["search"]) == (
@@ -222,6 +225,7 @@ def study(
             settings.get("search", "grid"),
         ):
             saved["rows"][label] = kept_row
+            save(saved)  # a kill during the next arm keeps it
             print(f"{label}: kept from {earlier}")
             continue
         folder = label.replace(" · ", "-").replace(" ", "-").replace("(", "").replace(")", "")
