@@ -220,6 +220,27 @@ def test_llm_search_bench_smoke(tmp_path):
     assert f"}}: {task} " in other
 
 
+def test_llm_search_page_pairs_the_search_chosen_on_validation_with_every_other():
+    sys.path.insert(0, str(REPO / "bench" / "llm"))
+    from search_page import pairs
+
+    rows = {
+        "individual adapters (own task)": {},
+        "ta · core · search": {"validation_normalized": 0.80},
+        "ta · core · grid": {"validation_normalized": 0.90},  # a grid is never the winner
+        "tsv · core · search": {"validation_normalized": 0.85},
+        "ties · core · search": {"validation_normalized": 0.79},
+        "ties · full · search": {"validation_normalized": 0.84},
+    }
+    assert pairs(rows) == [
+        ("tsv · core · search", "ta · core · search"),
+        ("tsv · core · search", "ties · core · search"),
+        ("tsv · core · search", "ties · full · search"),
+        ("ta · core · search", "ta · core · grid"),
+        ("ties · core · search", "ties · full · search"),
+    ]
+
+
 def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():
     sys.path.insert(0, str(REPO / "bench" / "llm"))
     import chat_tasks

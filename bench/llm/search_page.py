@@ -16,11 +16,15 @@ from answers import INDIVIDUAL, saved_dtype, short_dtype  # noqa: E402
 from mergekit_corespace.tune.grid import weight_key  # noqa: E402
 
 
-def pairs(labels) -> list[tuple[str, str]]:
+def pairs(rows: dict) -> list[tuple[str, str]]:
     """The arms compared on the same test examples: search against grid for each method and
-    space, core against full space for each kind, KnOTS scaled against unscaled."""
+    space, core against full space for each kind, KnOTS scaled against unscaled, and the
+    search chosen on validation (the best of them there) against every other search."""
+    labels = list(rows)
     present = set(labels)
-    out = []
+    searches = [label for label in labels if label.endswith(" · search")]
+    best = max(searches, key=lambda label: rows[label]["validation_normalized"], default=None)
+    out = [(best, other) for other in searches if other != best]
     for label in labels:
         if label.endswith(" · search") and label.replace("search", "grid") in present:
             out.append((label, label.replace("search", "grid")))
@@ -46,7 +50,7 @@ def chosen_text(point: dict) -> str:
 
 
 def render(saved: dict) -> str:
-    result = report.summary(saved, pairs(list(saved["rows"])))
+    result = report.summary(saved, pairs(saved["rows"]))
     figures, tests = result["figures"], result["comparisons"]
     rows, names = saved["rows"], saved["tasks"]
     lines = [
