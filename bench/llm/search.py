@@ -158,6 +158,15 @@ def earlier_run(path: str | None, own: list) -> dict:
     return saved
 
 
+def turn(label: str) -> int:
+    """When an arm runs: the core searches first (what may reach the goal), then what they
+    are set against — KnOTS (short grids), the full-space search — then the grids. The page
+    still shows each search beside its grid (the order of ``arms``)."""
+    if label.endswith("· search"):
+        return 0 if " · core · " in label else 2
+    return 1 if "knots" in label else 3
+
+
 def study(
     plan: dict, work: str, smoke: bool, save, earlier: str | None = None, *, command: str
 ) -> None:
@@ -213,11 +222,7 @@ def study(
     )  # fmt: skip
     save(saved)
     done = before.get("rows", {})
-    # every search before any grid (the searches are what may reach the goal), then KnOTS
-    # (what the core merges are set against), then the other grids; the page still shows
-    # each search beside its grid (the order of ``arms``)
-    turn = {label: (not label.endswith("· search"), "knots" not in label) for label in planned}
-    for label in sorted(planned, key=turn.get):
+    for label in sorted(planned, key=turn):
         settings = planned[label]
         kept_row = done.get(label, {})
         if "trials" in kept_row and (kept_row["grid"], kept_row["search"]) == (
