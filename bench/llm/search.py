@@ -158,13 +158,20 @@ def earlier_run(path: str | None, own: list) -> dict:
     return saved
 
 
-def turn(label: str) -> int:
+# the grids in turn: the best search's method first; task arithmetic's last (a global λ
+# holds every adapter at one strength, which loses addition in every run.py merge)
+GRID_TURN = ("tsv", "iso_cts", "ties", "dare_ties", "ta")
+
+
+def turn(label: str) -> tuple[int, int]:
     """When an arm runs: the core searches first (what may reach the goal), then what they
     are set against — KnOTS (short grids), the full-space search — then the grids. The page
     still shows each search beside its grid (the order of ``arms``)."""
     if label.endswith("· search"):
-        return 0 if " · core · " in label else 2
-    return 1 if "knots" in label else 3
+        return (0 if " · core · " in label else 2), 0
+    if "knots" in label:
+        return 1, 0
+    return 3, GRID_TURN.index(label.split(" · ")[0])
 
 
 def study(
