@@ -231,13 +231,18 @@ def test_llm_search_page_pairs_the_search_chosen_on_validation_with_every_other(
         "tsv · core · search": {"validation_normalized": 0.85},
         "ties · core · search": {"validation_normalized": 0.79},
         "ties · full · search": {"validation_normalized": 0.84},
+        "ties · knots (S·Vₜ) · grid": {"validation_normalized": 0.76},
+        "ties · knots (Vₜ) · grid": {"validation_normalized": 0.75},
     }
     assert pairs(rows) == [
         ("tsv · core · search", "ta · core · search"),
         ("tsv · core · search", "ties · core · search"),
         ("tsv · core · search", "ties · full · search"),
+        ("tsv · core · search", "ties · knots (S·Vₜ) · grid"),
+        ("tsv · core · search", "ties · knots (Vₜ) · grid"),
         ("ta · core · search", "ta · core · grid"),
         ("ties · core · search", "ties · full · search"),
+        ("ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid"),
     ]
 
 

@@ -19,12 +19,14 @@ from mergekit_corespace.tune.grid import weight_key  # noqa: E402
 def pairs(rows: dict) -> list[tuple[str, str]]:
     """The arms compared on the same test examples: search against grid for each method and
     space, core against full space for each kind, KnOTS scaled against unscaled, and the
-    search chosen on validation (the best of them there) against every other search."""
+    search chosen on validation (the best of them there) against every other search and
+    every KnOTS arm."""
     labels = list(rows)
     present = set(labels)
     searches = [label for label in labels if label.endswith(" · search")]
     best = max(searches, key=lambda label: rows[label]["validation_normalized"], default=None)
-    out = [(best, other) for other in searches if other != best]
+    rivals = [label for label in labels if label in searches or " · knots " in label]
+    out = [(best, other) for other in rivals if other != best]
     for label in labels:
         if label.endswith(" · search") and label.replace("search", "grid") in present:
             out.append((label, label.replace("search", "grid")))
