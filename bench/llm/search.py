@@ -51,11 +51,11 @@ def geometric(low: float, high: float, count: int = EVALUATIONS) -> str:
 
 
 # (method, space) -> the grid and the search, both of EVALUATIONS points; the ranges
-# hold every value the grid tries. The searches run in this order, then the grids (a rerun
+# hold every value the grid tries. The core searches run in this order (``turn``; a rerun
 # resumes where one stopped): task arithmetic, whose sum keeps each adapter at the
 # strength its weight gives (addition needs its own near 1 and the others' low:
 # interference.py), run.py's best core merge, core TIES, TSV (which keeps each task's
-# singular values, so a weight sets its strength), then full-space TIES.
+# singular values, so a weight sets its strength); full-space TIES after KnOTS.
 STUDY = {
     ("ta", "core"): (f"lambda={geometric(0.05, 1)}", f"lambda=0.05:1:log {WEIGHTS}"),
     ("iso_cts", "core"): (f"lambda={geometric(0.5, 4)}", f"lambda=0.5:4:log {WEIGHTS}"),
