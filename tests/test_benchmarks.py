@@ -244,6 +244,8 @@ def test_llm_search_page_pairs_the_search_chosen_on_validation_with_every_other(
         ("ties · core · search", "ties · full · search"),
         ("ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid"),
     ]
+    grids = {label: row for label, row in rows.items() if not label.endswith("· search")}
+    assert pairs(grids) == [("ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid")]
 
 
 def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():

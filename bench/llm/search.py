@@ -158,8 +158,8 @@ def earlier_run(path: str | None, own: list) -> dict:
     return saved
 
 
-# the grids in turn: the best search's method first; task arithmetic's last (a global λ
-# holds every adapter at one strength, which loses addition in every run.py merge)
+# the grids in turn: TSV's first (the best search on the float32 page); task arithmetic's
+# last (a global λ holds every adapter at one strength: addition is lost in run.py's)
 GRID_TURN = ("tsv", "iso_cts", "ties", "dare_ties", "ta")
 
 

@@ -26,7 +26,7 @@ def pairs(rows: dict) -> list[tuple[str, str]]:
     searches = [label for label in labels if label.endswith(" · search")]
     best = max(searches, key=lambda label: rows[label]["validation_normalized"], default=None)
     rivals = [label for label in labels if label in searches or " · knots " in label]
-    out = [(best, other) for other in rivals if other != best]
+    out = [(best, other) for other in rivals if best is not None and other != best]
     for label in labels:
         if label.endswith(" · search") and label.replace("search", "grid") in present:
             out.append((label, label.replace("search", "grid")))
