@@ -246,6 +246,10 @@ def test_llm_search_page_pairs_the_search_chosen_on_validation_with_every_other(
     ]
     grids = {label: row for label, row in rows.items() if not label.endswith("· search")}
     assert pairs(grids) == [("ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid")]
+    # chosen core TIES meets its full-space twin once, not twice
+    rows["ties · core · search"]["validation_normalized"] = 0.86
+    chosen = [pair for pair in pairs(rows) if pair[0] == "ties · core · search"]
+    assert chosen.count(("ties · core · search", "ties · full · search")) == 1
 
 
 def test_llm_chat_tasks_are_disjoint_deterministic_and_answerable():

@@ -20,24 +20,22 @@ def pairs(rows: dict) -> list[tuple[str, str]]:
     """The arms compared on the same test examples: search against grid for each method and
     space, core against full space for each kind, KnOTS scaled against unscaled, and the
     search chosen on validation (the best of them there) against every other search and
-    every KnOTS arm."""
-    labels = list(rows)
-    present = set(labels)
-    searches = [label for label in labels if label.endswith(" · search")]
+    every KnOTS arm; each pair once."""
+    searches = [label for label in rows if label.endswith(" · search")]
     best = max(searches, key=lambda label: rows[label]["validation_normalized"], default=None)
-    rivals = [label for label in labels if label in searches or " · knots " in label]
+    rivals = [label for label in rows if label in searches or " · knots " in label]
     out = [(best, other) for other in rivals if best is not None and other != best]
-    for label in labels:
-        if label.endswith(" · search") and label.replace("search", "grid") in present:
+    for label in rows:
+        if label.endswith(" · search") and label.replace("search", "grid") in rows:
             out.append((label, label.replace("search", "grid")))
         method, space, kind = (label.split(" · ") + ["", ""])[:3]
         other = f"{method} · full · {kind}"
-        if space == "core" and other in present:
+        if space == "core" and other in rows:
             out.append((label, other))
     scaled, unscaled = "ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid"
-    if scaled in present and unscaled in present:
+    if scaled in rows and unscaled in rows:
         out.append((scaled, unscaled))
-    return out
+    return list(dict.fromkeys(out))  # the chosen search may also be a core search with a full twin
 
 
 def chosen_text(point: dict) -> str:
