@@ -158,20 +158,23 @@ def earlier_run(path: str | None, own: list) -> dict:
     return saved
 
 
-# the grids in turn: TSV's first (the best search on the float32 page); task arithmetic's
-# last (a global λ holds every adapter at one strength: addition is lost in run.py's)
+# the grids in turn: TSV's first (the best search on the float32 page: its grid gives the
+# search's cost), before the full-space search; task arithmetic's last (a global λ holds
+# every adapter at one strength: addition is lost in run.py's)
 GRID_TURN = ("tsv", "iso_cts", "ties", "dare_ties", "ta")
 
 
 def turn(label: str) -> tuple[int, int]:
     """When an arm runs: the core searches first (what may reach the goal), then what they
-    are set against — KnOTS (short grids), the full-space search — then the grids. The page
-    still shows each search beside its grid (the order of ``arms``)."""
+    are set against — KnOTS (short grids), the first grid of ``GRID_TURN``, the full-space
+    search — then the other grids. The page still shows each search beside its grid (the
+    order of ``arms``)."""
     if label.endswith("· search"):
-        return (0 if " · core · " in label else 2), 0
+        return (0 if " · core · " in label else 3), 0
     if "knots" in label:
         return 1, 0
-    return 3, GRID_TURN.index(label.split(" · ")[0])
+    method = label.split(" · ")[0]
+    return (2 if method == GRID_TURN[0] else 4), GRID_TURN.index(method)
 
 
 def study(
