@@ -55,7 +55,7 @@ def geometric(low: float, high: float, count: int = EVALUATIONS) -> str:
 # resumes where one stopped): task arithmetic, whose sum keeps each adapter at the
 # strength its weight gives (addition needs its own near 1 and the others' low:
 # interference.py), run.py's best core merge, core TIES, TSV (which keeps each task's
-# singular values, so a weight sets its strength); full-space TIES after KnOTS.
+# singular values, so a weight sets its strength); full-space TIES after TSV's grid.
 STUDY = {
     ("ta", "core"): (f"lambda={geometric(0.05, 1)}", f"lambda=0.05:1:log {WEIGHTS}"),
     ("iso_cts", "core"): (f"lambda={geometric(0.5, 4)}", f"lambda=0.5:4:log {WEIGHTS}"),
@@ -158,23 +158,24 @@ def earlier_run(path: str | None, own: list) -> dict:
     return saved
 
 
-# the grids in turn: TSV's first (the best search on the float32 page: its grid gives the
-# search's cost), before the full-space search; task arithmetic's last (a global λ holds
-# every adapter at one strength: addition is lost in run.py's)
-GRID_TURN = ("tsv", "iso_cts", "ties", "dare_ties", "ta")
+# when each arm runs (a rerun resumes where one stopped): the core searches (what may reach
+# the goal), then what they are set against — KnOTS (short grids), TSV's grid (the best
+# search on the float32 page: its grid gives the search's cost), the full-space search —
+# then the other grids, task arithmetic's last (a global λ holds every adapter at one
+# strength: addition is lost in run.py's)
+TURN = (
+    "core search", "knots", "tsv grid", "full search",
+    "iso_cts grid", "ties grid", "dare_ties grid", "ta grid",
+)  # fmt: skip
 
 
-def turn(label: str) -> tuple[int, int]:
-    """When an arm runs: the core searches first (what may reach the goal), then what they
-    are set against — KnOTS (short grids), the first grid of ``GRID_TURN``, the full-space
-    search — then the other grids. The page still shows each search beside its grid (the
-    order of ``arms``)."""
-    if label.endswith("· search"):
-        return (0 if " · core · " in label else 3), 0
-    if "knots" in label:
-        return 1, 0
-    method = label.split(" · ")[0]
-    return (2 if method == GRID_TURN[0] else 4), GRID_TURN.index(method)
+def turn(label: str) -> int:
+    """The arm's place in ``TURN``; arms of one place keep the order of ``arms``, which is
+    also the page's (each search beside its grid)."""
+    method, space, kind = label.split(" · ")
+    if space.startswith("knots"):
+        return TURN.index("knots")
+    return TURN.index(f"{space} search" if kind == "search" else f"{method} grid")
 
 
 def study(
