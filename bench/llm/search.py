@@ -161,11 +161,12 @@ def earlier_run(path: str | None, own: list) -> dict:
 # when each arm runs (a rerun resumes where one stopped): the core searches (what may reach
 # the goal), then what they are set against — KnOTS (short grids), TSV's grid (the best
 # search on the float32 page: its grid gives the search's cost), the full-space search —
-# then the other grids, task arithmetic's last (a global λ holds every adapter at one
-# strength: addition is lost in run.py's)
+# then the other grids: TIES' first (its core search has no grid on either page yet),
+# task arithmetic's last (a global λ holds every adapter at one strength: addition is lost
+# in run.py's)
 TURN = (
     "core search", "knots", "tsv grid", "full search",
-    "iso_cts grid", "ties grid", "dare_ties grid", "ta grid",
+    "ties grid", "iso_cts grid", "dare_ties grid", "ta grid",
 )  # fmt: skip
 
 
