@@ -161,7 +161,7 @@ def earlier_run(path: str | None, own: list) -> dict:
 # when each arm runs (a rerun resumes where one stopped): the core searches (what may reach
 # the goal), then what they are set against — KnOTS (short grids), TSV's grid (the best
 # search on the float32 page: its grid gives the search's cost), the full-space search —
-# then the other grids: TIES' first (its core search has no grid on either page yet),
+# then the other grids: TIES' first (core TIES's search had no grid to be set against),
 # task arithmetic's last (a global λ holds every adapter at one strength: addition is lost
 # in run.py's)
 TURN = (
