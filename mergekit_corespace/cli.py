@@ -123,9 +123,13 @@ def _tune_command():
     @click.option("--trials", type=int, help="the trials of a tpe or cmaes search [default: 40]")
     @click.option(
         "--prune",
-        is_flag=True,
-        help="score each trial on the first third of every task file first; stop it there "
-        "when below the median of earlier trials",
+        type=click.Choice(["median", "wilcoxon"]),
+        is_flag=False,
+        flag_value="median",
+        help="score each trial on every task file in parts and stop hopeless ones: median "
+        "(--prune alone) after a third, when below the median of earlier trials; wilcoxon "
+        "after a third and two thirds, when worse than the best trial on the same examples "
+        "by a signed-rank test (p < 0.3)",
     )
     @click.option(
         "--holdout-fraction",

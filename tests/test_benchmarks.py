@@ -176,6 +176,13 @@ def test_llm_search_bench_smoke(tmp_path):
         assert all(len(h) == 8 and set(h) <= {"0", "1"} for h in row["predictions"].values())
     page = (tmp_path / "search.md").read_text()
     assert "| ties · core · search | ties · core · grid |" in page
+    # the same search racing the best trial, set beside it and the grid
+    raced = rows["ties · core · search (raced)"]
+    assert raced["prune"] == "wilcoxon" and raced["grid"] == search["grid"]
+    counts = raced["search_counts"]
+    assert counts["complete"] + counts["pruned"] == 2 and counts["complete"] >= 1
+    assert "| ties · core · search (raced) | ties · core · search |" in page
+    assert "| ties · core · search (raced) | ties · core · grid |" in page
     assert "| ties · knots (S·Vₜ) · grid | ties · knots (Vₜ) · grid |" in page
     spaces = saved["trim"]["spaces"]
     for task in ("spam", "sentiment"):  # the core matrices stand for the deltas exactly
@@ -246,6 +253,21 @@ def test_llm_search_page_pairs_the_search_chosen_on_validation_with_every_other(
     ]
     grids = {label: row for label, row in rows.items() if not label.endswith("· search")}
     assert pairs(grids) == [("ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid")]
+    # a raced search meets its twin search and the grid, once each, whichever wins
+    raced = dict(rows, **{"ta · core · search (raced)": {"validation_normalized": 0.81}})
+    before = pairs(rows)
+    expected = [
+        *before[:5],
+        ("tsv · core · search", "ta · core · search (raced)"),  # the chosen: every search
+        *before[5:7],
+        ("ta · core · search (raced)", "ta · core · search"),
+        ("ta · core · search (raced)", "ta · core · grid"),
+        *before[7:],
+    ]
+    assert pairs(raced) == expected
+    raced["ta · core · search (raced)"]["validation_normalized"] = 0.9  # now the chosen one
+    assert pairs(raced).count(("ta · core · search (raced)", "ta · core · search")) == 1
+    assert ("ta · core · search", "ta · core · search (raced)") not in pairs(raced)
     # chosen core TIES meets its full-space twin once, not twice
     rows["ties · core · search"]["validation_normalized"] = 0.86
     chosen = [pair for pair in pairs(rows) if pair[0] == "ties · core · search"]

@@ -1,7 +1,8 @@
 """The tuner's search beyond a grid of λ: per-adapter weights (whose best values are known
 by construction), TPE and CMA-ES seeded (same seed, same trials, same best.yml), a study
 resumed after its process was killed, two workers sharing one journal file, pruning by
-the first part of the validation data, and held-out re-scoring.
+a part of the validation data (the median rule, and racing the best trial), and held-out
+re-scoring.
 
 The construction (``test_tune.setup``): each task's answers are the greedy outputs of the
 base with both adapters active in PEFT, so task arithmetic with weights (1, 1) at λ = 1
@@ -11,6 +12,7 @@ reproduces every answer, and other weights do not.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -204,6 +206,58 @@ def test_pruning_stops_low_first_parts_and_saves_examples(setup):  # noqa: F811
         median = earlier[middle] if len(earlier) % 2 else sum(earlier[middle - 1 : middle + 1]) / 2
         assert trial.intermediate_values[0] < median
         assert trial.number >= 5  # the first five trials are scored whole
+
+
+def test_racing_prunes_trials_worse_than_the_best_on_the_same_examples(setup):  # noqa: F811
+    import scipy.stats
+
+    lambdas = "0.25,0.5,0.75,0.9,1,1.1,1.5,2,3"
+    result = _tune(setup, setup["root"] / "raced", [f"lambda={lambdas}"], prune="wilcoxon")
+    search = result.search
+    assert search["prune"] == "wilcoxon"
+    assert search["complete"] + search["pruned"] == 9 and search["pruned"] >= 1
+    assert search["examples_scored"] < search["examples_unpruned"]
+    assert result.best.point == {"lambda": 1}
+    sizes = [len(task.examples) for task in read_tasks(setup["data"], {"*": "exact"})]
+    whole = sum(sizes)
+    study = _study(result.out + "/" + STUDY_FILE)
+    finished = sorted(study.get_trials(), key=lambda t: t.number)
+    verdicts = []
+    for trial in finished:
+        values = trial.intermediate_values
+        complete = [t for t in finished if t.number < trial.number and t.state.name == "COMPLETE"]
+        if trial.state.name == "COMPLETE":
+            # one value per example, each its share of the normalised score
+            assert sorted(values) == list(range(whole))
+            assert sum(values.values()) / whole == pytest.approx(trial.value)
+        if not complete:
+            assert trial.state.name == "COMPLETE"  # nothing to race yet
+            continue
+        best = max(complete, key=lambda t: t.value)
+        # the cuts: a third and two thirds of each task file, checked by hand
+        for share in (1 / 3, 2 / 3):
+            cut = [math.ceil(size * share) for size in sizes]
+            steps = [*range(cut[0]), *range(sizes[0], sizes[0] + cut[1])]
+            if not set(steps) <= set(values):
+                continue
+            differences = [values[s] - best.intermediate_values[s] for s in steps]
+            worse = any(differences) and (
+                scipy.stats.wilcoxon(differences, alternative="less", zero_method="zsplit").pvalue
+                < 0.3
+            )
+            worse = worse and sum(values[s] for s in steps) / len(steps) < best.value
+            stopped_here = trial.state.name == "PRUNED" and len(values) == len(steps)
+            assert worse == stopped_here, (trial.number, share, differences)
+            verdicts.append(worse)
+            if stopped_here:
+                assert trial.user_attrs["examples scored"] == len(steps)
+                break
+    assert True in verdicts and False in verdicts, verdicts  # trials stopped, and let go on
+    # a study raced by one rule is not resumed by the other; a rule that does not exist
+    with pytest.raises(CoreSpaceError, match="pruned by the wilcoxon rule"):
+        _tune(setup, setup["root"] / "raced", [f"lambda={lambdas}"], prune="median")
+    with pytest.raises(CoreSpaceError, match="--prune fast: expected one of median, wilcoxon"):
+        _tune(setup, setup["root"] / "fast", [f"lambda={lambdas}"], prune="fast")
 
 
 def test_held_out_examples_rescore_the_winner_and_runners_up(setup):  # noqa: F811

@@ -18,24 +18,29 @@ from mergekit_corespace.tune.grid import weight_key  # noqa: E402
 
 def pairs(rows: dict) -> list[tuple[str, str]]:
     """The arms compared on the same test examples: search against grid for each method and
-    space, core against full space for each kind, KnOTS scaled against unscaled, and the
-    search chosen on validation (the best of them there) against every other search and
-    every KnOTS arm; each pair once."""
-    searches = [label for label in rows if label.endswith(" · search")]
+    space (a raced search against both), core against full space for each kind, KnOTS
+    scaled against unscaled, and the search chosen on validation (the best of them there)
+    against every other search and every KnOTS arm; each pair once."""
+    searches = [label for label in rows if label.split(" · ")[-1].startswith("search")]
     best = max(searches, key=lambda label: rows[label]["validation_normalized"], default=None)
     rivals = [label for label in rows if label in searches or " · knots " in label]
     out = [(best, other) for other in rivals if best is not None and other != best]
     for label in rows:
-        if label.endswith(" · search") and label.replace("search", "grid") in rows:
-            out.append((label, label.replace("search", "grid")))
         method, space, kind = (label.split(" · ") + ["", ""])[:3]
+        twins = [f"{method} · {space} · search", f"{method} · {space} · grid"]
+        if label in searches:  # a raced search against the searched one, and the grid
+            out += [(label, twin) for twin in twins if twin in rows and twin != label]
         other = f"{method} · full · {kind}"
         if space == "core" and other in rows:
             out.append((label, other))
     scaled, unscaled = "ties · knots (S·Vₜ) · grid", "ties · knots (Vₜ) · grid"
     if scaled in rows and unscaled in rows:
         out.append((scaled, unscaled))
-    return list(dict.fromkeys(out))  # the chosen search may also be a core search with a full twin
+    kept: list[tuple[str, str]] = []  # each pair once, in either order: the chosen search
+    for first, second in out:  # may be a core search with a full twin, or a raced one's twin
+        if (first, second) not in kept and (second, first) not in kept:
+            kept.append((first, second))
+    return kept
 
 
 def chosen_text(point: dict) -> str:
@@ -65,8 +70,10 @@ def render(saved: dict) -> str:
         f"grid of a method take the same number of evaluations ({saved['evaluations']}): the "
         "grid every point of its grid, the search (Optuna's TPE) as many trials over ranges "
         "of λ, each adapter's weight and density, stopping a hopeless trial after a third of "
-        "each task (the tuner's `--prune`). Tuning s: the arm's wall time on validation "
-        "(merging in brackets), summed over resumed runs. Normalized = merged / own "
+        "each task (the tuner's `--prune`, the median rule); a search marked (raced) stops a "
+        "trial after a third or two thirds of each task when it is worse than the best "
+        "trial on the same examples (`--prune wilcoxon`). Tuning s: the arm's wall time on "
+        "validation (merging in brackets), summed over resumed runs. Normalized = merged / own "
         "adapter, averaged over tasks; brackets: 95 % bootstrap intervals (2000 "
         "resamples, stratified by task).",
         *partial(saved),
@@ -137,7 +144,7 @@ def partial(saved: dict) -> list[str]:
 
 
 def evaluations(row: dict) -> str:
-    """Trials of an arm, and how many of them the pruner stopped after a third."""
+    """Trials of an arm, and how many of them the pruner stopped."""
     counts = row.get("search_counts", {})
     if counts.get("pruned"):
         return f"{counts['complete'] + counts['pruned']} ({counts['pruned']} pruned)"

@@ -39,7 +39,7 @@ One file per job, in the order a run uses them:
 - ``fingerprint.py`` — the fingerprint that makes resuming and sharing safe.
 - ``study.py`` — the Optuna study: storage, fingerprint check, references, trial records.
 - ``session.py`` — the loaded base; one point's merge put into it.
-- ``trials.py`` — the objective (a trial scored, pruned after its first part) and the
+- ``trials.py`` — the objective (a trial scored, pruned after a part) and the
   loop that runs trials until the study holds as many as asked.
 - ``results.py`` — the result types: a point's row, its times, the whole result.
 - ``selection.py`` — scores made rows (normalised), and the winner chosen.

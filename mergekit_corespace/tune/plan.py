@@ -36,7 +36,8 @@ from mergekit_corespace.tune.grid import (
     point_recipe,
 )
 from mergekit_corespace.tune.search import (
-    FIRST_PART,
+    PRUNE_CUTS,
+    check_prune,
     check_search,
     corner_points,
     search_space,
@@ -72,7 +73,7 @@ class Plan:
     space: dict[str, Any] | None = None  # a sampled search's dimensions (weights expanded)
     trials: int = 0  # the trials the study ends with
     seed: int = 0  # the sampler's (and DARE's) seed
-    prune: bool = False  # score a trial's first part of each task first; stop hopeless ones
+    prune: str | None = None  # median or wilcoxon: score each task in parts; stop hopeless trials
     holdout: list[Task] | None = None  # the held-out examples of each task file
     storage: str | None = None  # --storage (default: a journal file in out)
     study_name: str | None = None
@@ -94,20 +95,24 @@ class Plan:
         return {t.name: evaluations[t.name] for t in wanted}
 
     def parts(self) -> list[list[Task]]:
-        """The tasks a trial is scored on, in turn: with pruning, the first part of each
-        task file, then the rest of them with the lm-eval tasks; else all at once."""
-        if not self.prune:
+        """The tasks a trial is scored on, in turn: with pruning, each task file cut at the
+        pruner's shares (:data:`~mergekit_corespace.tune.search.PRUNE_CUTS`), the lm-eval
+        tasks with the last part; else all at once."""
+        if self.prune is None:
             return [self.tasks]
         harnessed = set(self.harness.tasks) if self.harness else set()
-        first, rest = [], []
+        shares = PRUNE_CUTS[self.prune]
+        parts: list[list[Task]] = [[] for _ in range(len(shares) + 1)]
         for task in self.tasks:
-            cut = math.ceil(len(task.examples) * FIRST_PART)
-            if task.name in harnessed or cut >= len(task.examples):
-                rest.append(task)
+            size = len(task.examples)
+            cuts = [0, *(math.ceil(size * share) for share in shares), size]
+            if task.name in harnessed or cuts[1] >= size:
+                parts[-1].append(task)
                 continue
-            first.append(dataclasses.replace(task, examples=task.examples[:cut]))
-            rest.append(dataclasses.replace(task, examples=task.examples[cut:]))
-        return [first, rest] if first else [rest]
+            for part, start, end in zip(parts, cuts, cuts[1:]):
+                if end > start:
+                    part.append(dataclasses.replace(task, examples=task.examples[start:end]))
+        return [part for part in parts if part]
 
     @classmethod
     def prepare(
@@ -127,6 +132,7 @@ class Plan:
         device = checked_device(device, user_options)
         if seed is None:
             seed = user_options.random_seed
+        prune = check_prune(prune)
         if merge not in (None, "model", "adapter"):
             raise CoreSpaceError(f"--merge {merge}: expected model or adapter")
         if score_as is None:

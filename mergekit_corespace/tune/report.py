@@ -55,9 +55,9 @@ def markdown_table(result: TuneResult) -> str:
     search = result.search
     if search.get("pruned"):
         lines.append(
-            f"Trials: {search['complete']} scored whole, {search['pruned']} pruned after the "
-            f"first part; {search['examples_scored']} examples scored of "
-            f"{search['examples_unpruned']} without pruning"
+            f"Trials: {search['complete']} scored whole, {search['pruned']} pruned by the "
+            f"{search.get('prune') or 'median'} rule; {search['examples_scored']} examples "
+            f"scored of {search['examples_unpruned']} without pruning"
         )
     if result.holdout:
         lines += ["", f"Held-out examples ({result.selected_by}, 95 % interval):", ""]

@@ -51,7 +51,7 @@ def tune(
     random_seed: int | None = None,
     search: str = "grid",
     trials: int | None = None,
-    prune: bool = False,
+    prune: bool | str = False,
     holdout_fraction: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
@@ -86,8 +86,12 @@ def tune(
             ``GridSampler`` by workers sharing a study), ``tpe`` or ``cmaes`` (``trials``
             points drawn from the grid's values and ranges, default 40), seeded by
             ``random_seed``: the same seed gives the same trials.
-        prune: score each trial on the first third of every task file first, and stop it
-            there when it falls below the median of earlier trials (Optuna's MedianPruner).
+        prune: score each trial on every task file in parts and stop a hopeless one:
+            ``"median"`` (or ``True``) after the first third, when it falls below the
+            median of earlier trials (Optuna's ``MedianPruner``); ``"wilcoxon"`` after a
+            third and after two thirds, racing the best trial on the same examples
+            (Optuna's ``WilcoxonPruner``, p < 0.3: worse than it by a one-sided
+            signed-rank test).
         holdout_fraction: keep this share of each task file's examples out of the search;
             the winner and two runners-up are scored on them (with 95 % intervals).
         storage: where the study lives: a database URL (``sqlite:///tune.db``,
@@ -230,20 +234,24 @@ def search_summary(plan: Plan, study) -> dict[str, Any]:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     whole = sum(len(t.examples) for t in plan.tasks if t.examples)
-    first = sum(len(t.examples) for t in plan.parts()[0] if t.examples) if plan.prune else whole
+    first = sum(len(t.examples) for t in plan.parts()[0] if t.examples)
     return {
         "search": plan.search,
         "trials": plan.trials,
+        "prune": plan.prune,
         "complete": len(complete),
         "pruned": len(pruned),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
-        "examples_scored": len(complete) * whole + len(pruned) * first,
+        # a trial pruned by an earlier version of the tuner was always pruned after a third
+        "examples_scored": len(complete) * whole
+        + sum(t.user_attrs.get("examples scored", first) for t in pruned),
         "examples_unpruned": (len(complete) + len(pruned)) * whole,
         "pruned_trials": [
             {
                 "trial": t.number,
                 "point": t.user_attrs.get("point"),
-                "first_part": t.user_attrs.get("first part"),
+                "scored_part": t.user_attrs.get("scored part", t.user_attrs.get("first part")),
+                "examples_scored": t.user_attrs.get("examples scored", first),
             }  # fmt: skip
             for t in pruned
         ],

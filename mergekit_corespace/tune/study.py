@@ -86,7 +86,16 @@ def open_study(plan, pruner, description: str | None):
             f"{where}: study {name} searched another space ({attrs['search']}); use --fresh "
             "to start over, or another --out / --study-name"
         )
+    # the rules report different steps (a part's score, each example's): one per study
+    pruned_by = attrs.get("pruner")
+    if plan.prune is not None and pruned_by not in (None, plan.prune):
+        raise CoreSpaceError(
+            f"{where}: study {name} was pruned by the {pruned_by} rule, not --prune "
+            f"{plan.prune}; use --prune {pruned_by}, --fresh to start over, or another --out"
+        )
     study.set_user_attr("fingerprint", plan.fingerprint)
+    if plan.prune is not None:
+        study.set_user_attr("pruner", plan.prune)
     if description is not None:
         study.set_user_attr("search", description)
     if only_writer:  # this run holds OUT: a trial left running was interrupted

@@ -1,15 +1,14 @@
 """The trials of a study run until it holds as many as asked (every point, for a grid):
-each trial's point merged, put into the model and scored, its first part first when
-pruning, and recorded on the trial."""
+each trial's point merged, put into the model and scored, part by part when pruning
+(stopped after a part the pruner finds hopeless), and recorded on the trial."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
-from mergekit_corespace.evaluate import joined, normalised_score
+from mergekit_corespace.evaluate import Evaluation, joined, normalised_score
 from mergekit_corespace.tune.grid import lambda_groups, point_key
 from mergekit_corespace.tune.results import PointTimes, Row
 from mergekit_corespace.tune.search import suggested_point
@@ -59,24 +58,26 @@ class Objective:
             return scored.value
         model, merge_seconds, apply_seconds = self.session.put(point)
         started = time.perf_counter()
-        parts: list[dict[str, Any]] = []
+        parts: list[dict[str, Evaluation]] = []
         steps = self.plan.parts()
         for step, tasks in enumerate(steps):
             parts.append(self.plan.evaluations(model, tasks))
-            if step < len(steps) - 1:
-                value = self._partial_value(parts[0])
-                trial.report(value, step)
-                if trial.should_prune():
-                    trial.set_user_attr("point", dict(point))
-                    trial.set_user_attr("first part", {n: e.score for n, e in parts[0].items()})
-                    self.progress(point, None, value)
-                    raise optuna.TrialPruned()
-        evaluations = {}
-        for task in self.plan.tasks:
-            scored_parts = [part[task.name] for part in parts if task.name in part]
-            evaluations[task.name] = (
-                scored_parts[0] if len(scored_parts) == 1 else joined(scored_parts)
-            )
+            last = step == len(steps) - 1
+            if self.plan.prune == "wilcoxon":  # every example, so that the best has them all
+                for example, value in self._example_values(parts):
+                    trial.report(value, example)
+            elif not last:
+                trial.report(self._partial_value(parts), step)
+            if not last and trial.should_prune():
+                so_far = self._joined(parts)
+                trial.set_user_attr("point", dict(point))
+                trial.set_user_attr("scored part", {n: e.score for n, e in so_far.items()})
+                trial.set_user_attr(
+                    "examples scored", sum(len(e.examples) for e in so_far.values())
+                )
+                self.progress(point, None, self._partial_value(parts))
+                raise optuna.TrialPruned()
+        evaluations = self._joined(parts)
         scores = {name: e.score for name, e in evaluations.items()}
         stderr = {name: e.stderr for name, e in evaluations.items()}
         record(trial, point, scores, stderr)
@@ -96,9 +97,19 @@ class Objective:
         if finished is not None and self.on_point is not None:
             self.on_point(*finished)
 
-    def _partial_value(self, evaluations) -> float:
-        """The selection score on the first part of each task (the tasks in it)."""
+    def _joined(self, parts: list[dict[str, Evaluation]]) -> dict[str, Evaluation]:
+        """Each task's evaluation over the parts scored so far, in the plan's order."""
+        joined_tasks = {}
+        for task in self.plan.tasks:
+            scored = [part[task.name] for part in parts if task.name in part]
+            if scored:
+                joined_tasks[task.name] = scored[0] if len(scored) == 1 else joined(scored)
+        return joined_tasks
+
+    def _partial_value(self, parts: list[dict[str, Evaluation]]) -> float:
+        """The selection score on the parts scored so far (the tasks in them)."""
         metrics = {task.name: task.metric for task in self.plan.tasks}
+        evaluations = self._joined(parts)
         if self.by_normalised:
             values = [
                 normalised_score(metrics[n], e.score, self.references[n])
@@ -107,6 +118,28 @@ class Objective:
         else:
             values = [e.score for e in evaluations.values()]
         return sum(values) / len(values)
+
+    def _example_values(self, parts: list[dict[str, Evaluation]]):
+        """(step, value) of each task-file example of the last part: the step numbers an
+        example the same in every trial (its task's offset + its place in the task), the
+        value its share of the selection score, so that the racing rule pairs them."""
+        offsets, seen = {}, 0
+        for task in self.plan.tasks:
+            offsets[task.name] = seen
+            seen += len(task.examples)
+        harnessed = set(self.plan.harness.tasks) if self.plan.harness else set()
+        for name, evaluation in parts[-1].items():
+            if name in harnessed:
+                continue
+            start = offsets[name] + sum(
+                len(part[name].examples) for part in parts[:-1] if name in part
+            )
+            metric = next(task.metric for task in self.plan.tasks if task.name == name)
+            for place, example in enumerate(evaluation.examples):
+                value = float(example["hit"]) if "hit" in example else example["loglik"]
+                if self.by_normalised:
+                    value = normalised_score(metric, value, self.references[name])
+                yield start + place, value
 
 
 def run_trials(study, plan, objective: Objective, in_order: bool = False) -> None:
