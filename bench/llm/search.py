@@ -170,12 +170,12 @@ def earlier_run(path: str | None, own: list) -> dict:
 # when each arm runs (a rerun resumes where one stopped): the core searches (what may reach
 # the goal), then what they are set against — KnOTS (short grids), TSV's grid (the best
 # search on the float32 page: its grid gives the search's cost), the full-space search —
-# then the other grids: TIES' first (core TIES's search had no grid to be set against),
-# task arithmetic's last (a global λ holds every adapter at one strength: addition is lost
-# in run.py's)
+# then the other grids: core ones first (core TIES's, then Iso-CTS's: their searches had
+# no grid to be set against), full-space TIES's, task arithmetic's last (a global λ holds
+# every adapter at one strength: addition is lost in run.py's)
 TURN = (
     "core search", "knots", "tsv grid", "full search",
-    "ties grid", "iso_cts grid", "dare_ties grid", "ta grid",
+    "ties core grid", "iso_cts grid", "ties grid", "dare_ties grid", "ta grid",
 )  # fmt: skip
 
 
@@ -185,7 +185,10 @@ def turn(label: str) -> int:
     method, space, kind = label.split(" · ")
     if space.startswith("knots"):
         return TURN.index("knots")
-    return TURN.index(f"{space} search" if kind.startswith("search") else f"{method} grid")
+    if kind.startswith("search"):
+        return TURN.index(f"{space} search")
+    own = f"{method} {space} grid"  # a grid given its own place, else its method's
+    return TURN.index(own if own in TURN else f"{method} grid")
 
 
 def study(
