@@ -120,9 +120,10 @@ class Objective:
         return sum(values) / len(values)
 
     def _example_values(self, parts: list[dict[str, Evaluation]]):
-        """(step, value) of each task-file example of the last part: the step numbers an
-        example the same in every trial (its task's offset + its place in the task), the
-        value its share of the selection score, so that the racing rule pairs them."""
+        """(step, value) of each task-file example of the last part, for the racing rule
+        to pair across trials: the step the same in every trial (the task's offset + the
+        example's place in it), the value the example's score (normalised, when the
+        selection score is)."""
         offsets, seen = {}, 0
         for task in self.plan.tasks:
             offsets[task.name] = seen
