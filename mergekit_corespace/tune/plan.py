@@ -79,15 +79,18 @@ class Plan:
     study_name: str | None = None
     fresh: bool = False
 
+    @property
+    def harnessed(self) -> frozenset[str]:
+        """The names of the tasks lm-eval scores (the rest are task files)."""
+        return frozenset(self.harness.tasks) if self.harness else frozenset()
+
     def evaluations(self, model, tasks: Sequence[Task] | None = None) -> dict[str, Evaluation]:
         """``model``'s evaluation on every task (or on ``tasks``: the plan's, or parts of
         them), in order: task files by the evaluator, lm-eval tasks by lm-eval."""
-        harnessed = set(self.harness.tasks) if self.harness else set()
         wanted = list(self.tasks if tasks is None else tasks)
-        evaluations = {
-            t.name: self.evaluator.evaluate(model, t) for t in wanted if t.name not in harnessed
-        }
-        names = [t.name for t in wanted if t.name in harnessed]
+        files = [t for t in wanted if t.name not in self.harnessed]
+        evaluations = {t.name: self.evaluator.evaluate(model, t) for t in files}
+        names = [t.name for t in wanted if t.name in self.harnessed]
         if names:
             evaluations |= self.harness.evaluate(
                 model, self.evaluator.tokenizer, self.evaluator.batch_size, names
@@ -100,13 +103,12 @@ class Plan:
         tasks with the last part; else all at once."""
         if self.prune is None:
             return [self.tasks]
-        harnessed = set(self.harness.tasks) if self.harness else set()
         shares = PRUNE_CUTS[self.prune]
         parts: list[list[Task]] = [[] for _ in range(len(shares) + 1)]
         for task in self.tasks:
             size = len(task.examples)
             cuts = [0, *(math.ceil(size * share) for share in shares), size]
-            if task.name in harnessed or cuts[1] >= size:
+            if task.name in self.harnessed or cuts[1] >= size:
                 parts[-1].append(task)
                 continue
             for part, start, end in zip(parts, cuts, cuts[1:]):

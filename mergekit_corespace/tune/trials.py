@@ -31,6 +31,11 @@ class Objective:
         self.plan, self.session, self.study = plan, session, study
         self.references = dict(references)
         self.by_normalised = len(references) == len(plan.tasks)
+        self.metrics = {task.name: task.metric for task in plan.tasks}
+        self.offsets, seen = {}, 0  # each task's first example's step, when racing
+        for task in plan.tasks:
+            self.offsets[task.name] = seen
+            seen += len(task.examples)
         self.space = (
             {"point": [point_key(p) for p in plan.points]} if plan.search == "grid" else plan.space
         )
@@ -108,11 +113,10 @@ class Objective:
 
     def _partial_value(self, parts: list[dict[str, Evaluation]]) -> float:
         """The selection score on the parts scored so far (the tasks in them)."""
-        metrics = {task.name: task.metric for task in self.plan.tasks}
         evaluations = self._joined(parts)
         if self.by_normalised:
             values = [
-                normalised_score(metrics[n], e.score, self.references[n])
+                normalised_score(self.metrics[n], e.score, self.references[n])
                 for n, e in evaluations.items()
             ]
         else:
@@ -124,22 +128,16 @@ class Objective:
         to pair across trials: the step the same in every trial (the task's offset + the
         example's place in it), the value the example's score (normalised, when the
         selection score is)."""
-        offsets, seen = {}, 0
-        for task in self.plan.tasks:
-            offsets[task.name] = seen
-            seen += len(task.examples)
-        harnessed = set(self.plan.harness.tasks) if self.plan.harness else set()
         for name, evaluation in parts[-1].items():
-            if name in harnessed:
+            if name in self.plan.harnessed:
                 continue
-            start = offsets[name] + sum(
+            start = self.offsets[name] + sum(
                 len(part[name].examples) for part in parts[:-1] if name in part
             )
-            metric = next(task.metric for task in self.plan.tasks if task.name == name)
             for place, example in enumerate(evaluation.examples):
                 value = float(example["hit"]) if "hit" in example else example["loglik"]
                 if self.by_normalised:
-                    value = normalised_score(metric, value, self.references[name])
+                    value = normalised_score(self.metrics[name], value, self.references[name])
                 yield start + place, value
 
 
